@@ -1,0 +1,508 @@
+"""
+A LLaMA / Mistral model in plain PyTorch that loads Hugging Face checkpoints directly.
+
+    model = Transformer.from_pretrained("path/to/Llama-2-7b-hf", device="cuda", dtype=torch.bfloat16)
+    logits = model(input_ids)                       # (B, T, vocab)
+    logits, loss = model(input_ids, targets)        # targets: -100 = no loss
+    new_tokens = model.generate([[1, 415, 2936], [1, 22557]], max_new_tokens=64)
+
+Module and parameter names are the HF ones (model.layers.0.self_attn.q_proj.weight, ...), so a
+checkpoint loads with no mapping table and LoRA targets are the usual q_proj ... down_proj.
+Weights are read by the small safetensors reader below (memory-mapped, no copy where possible).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# safetensors: 8-byte little-endian header length, a JSON header, then raw little-endian data.
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def read_safetensors_header(path):
+    """Returns (header dict without __metadata__, data start offset, file size); validates it all."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated file ({size} bytes, no header length)")
+        n = int.from_bytes(raw, "little")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    start, data_size = 8 + n, size - 8 - n
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (lo, hi) = DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {info['dtype']!r}")
+        if not (0 <= lo <= hi <= data_size):
+            raise CheckpointError(f"{path}: tensor {name!r} offsets [{lo}, {hi}) run past the data "
+                                  f"({data_size} bytes); the file may be truncated")
+        if hi - lo != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name!r} has {hi - lo} bytes, shape {shape} needs "
+                                  f"{math.prod(shape) * dtype.itemsize}")
+        spans.append((lo, hi, name))
+    spans.sort()
+    for (_, hi1, a), (lo2, _, b) in zip(spans, spans[1:]):
+        if lo2 < hi1:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap")
+    return header, start, size
+
+
+def load_safetensors(path):
+    """All tensors of a file, as views into one private memory map (copy-on-write, nothing read yet)."""
+    header, start, size = read_safetensors_header(path)
+    if size == start:
+        return {name: torch.empty(info["shape"], dtype=DTYPES[info["dtype"]]) for name, info in header.items()}
+    buf = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
+    out = {}
+    for name, info in header.items():
+        dtype, (lo, hi) = DTYPES[info["dtype"]], info["data_offsets"]
+        raw = buf[start + lo:start + hi]
+        if (start + lo) % dtype.itemsize:
+            raw = raw.clone()  # misaligned for this dtype: copy to view it
+        out[name] = raw.view(dtype).view(info["shape"])
+    return out
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Writes a .safetensors file atomically (temp file, then rename)."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    items = [(k, t.detach().contiguous().cpu()) for k, t in tensors.items()]
+    for name, t in items:
+        if t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for _, t in items:
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` positions only
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...}
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_config(cls, cfg, where="config.json"):
+        mt = cfg.get("model_type")
+        if mt not in ("llama", "mistral"):
+            raise CheckpointError(f"{where}: unsupported model_type {mt!r} (supported: llama, mistral)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{where}: unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
+        try:
+            heads = cfg["num_attention_heads"]
+            args = cls(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                       intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+                       num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+                       head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads)
+        except KeyError as e:
+            raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
+        for key in ("rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "attention_bias",
+                    "mlp_bias", "initializer_range"):
+            if cfg.get(key) is not None:
+                setattr(args, key, cfg[key])
+        if mt == "mistral":
+            args.sliding_window = cfg.get("sliding_window")
+        # Hub checkpoints carry top-level rope_theta / rope_scaling; recent transformers writes
+        # them inside rope_parameters. The type key is "rope_type" or the older "type".
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        args.rope_theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "linear", "llama3"):
+            raise CheckpointError(f"{where}: unsupported rope type {kind!r} (supported: default, linear, llama3)")
+        args.rope_scaling = None if kind == "default" else {**rope, "rope_type": kind}
+        if args.num_attention_heads % args.num_key_value_heads:
+            raise CheckpointError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
+        return args
+
+
+def load_config(checkpoint_dir):
+    path = os.path.join(checkpoint_dir, "config.json")
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointError(f"{checkpoint_dir}: not a directory")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing (not a model checkpoint directory)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def rope_inv_freq(args):
+    # exactly HF's computation, so cos/sin match bit for bit
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    sc = args.rope_scaling
+    if sc is None:
+        return inv_freq
+    if sc["rope_type"] == "linear":
+        return inv_freq / sc["factor"]
+    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth blend in between
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_len = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / hi) * ~(wavelen > old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, scale in the input dtype (as HF does, so bf16 results agree)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start, k, v):
+        # write positions [start, start + T) and return everything cached so far
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, args.hidden_size, bias=bias)
+        self.kv_cache = None  # set by Transformer.setup_cache for generation
+
+    def forward(self, x, cos, sin, mask, cache_start=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv, S, hd)
+        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves n_head / n_kv query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache_start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def make_mask(valid, q_idx, k_idx, window=None):
+    """(B, 1, T, S) boolean mask: causal, no padded keys, within the sliding window.
+    valid: (B, S) real (non-pad) keys; q_idx (T,) / k_idx (S,) absolute slots in the sequence."""
+    allowed = k_idx[None, :] <= q_idx[:, None]  # (T, S)
+    if window is not None:
+        allowed = allowed & (q_idx[:, None] - k_idx[None, :] < window)
+    allowed = allowed[None] & valid[:, None, :]  # (B, T, S)
+    # a padded query row would have no key at all (NaN in softmax): let it see its own slot
+    allowed = allowed | (k_idx[None, :] == q_idx[:, None])[None]
+    return allowed[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, args, config=None):
+        super().__init__()
+        self.args, self.config = args, config or {}
+        self.model = nn.Module()  # HF nests the decoder under "model."
+        self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.model.layers = nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers))
+        self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.gradient_checkpointing = False
+
+    def init_weights(self):
+        # a fresh model (pretraining from scratch): normal(0, initializer_range) as HF, norms at 1
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.args.initializer_range)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def rope(self, positions, dtype):
+        # positions (B, T) -> cos, sin (B, 1, T, head_dim), computed in fp32 then cast (as HF)
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids, targets=None, attention_mask=None):
+        B, T = input_ids.shape
+        idx = torch.arange(T, device=input_ids.device)
+        if attention_mask is None:
+            positions = idx.expand(B, T)
+            # right padding needs no mask: real tokens never look ahead at the pads
+            mask = None if self.args.sliding_window is None or T <= self.args.sliding_window else \
+                make_mask(torch.ones(B, T, dtype=torch.bool, device=idx.device), idx, idx, self.args.sliding_window)
+        else:
+            valid = attention_mask.bool()
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+            mask = make_mask(valid, idx, idx, self.args.sliding_window)
+        logits = self.run(input_ids, positions, mask)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def run(self, input_ids, positions, mask, cache_start=0):
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache_start)
+        return self.lm_head(self.model.norm(x))
+
+    # -------------------------------------------------------------------------
+    # generation with a KV cache
+
+    def setup_cache(self, batch, max_len):
+        p = self.lm_head.weight
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.kv_cache = None if batch == 0 else KVCache(batch, a.n_kv, max_len, a.head_dim, p.dtype, p.device)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, seed=None):
+        """prompts: lists of token ids (any lengths). Returns the new ids of each, without the stop id."""
+        dev = self.lm_head.weight.device
+        stop = torch.tensor(sorted(set(stop_ids if stop_ids is not None else self.eos_ids())), device=dev)
+        B, L = len(prompts), max(len(p) for p in prompts)
+        S = L + max_new_tokens
+        tokens = torch.zeros(B, L, dtype=torch.long, device=dev)
+        valid = torch.ones(B, S, dtype=torch.bool, device=dev)  # left padding is invalid, all the rest valid
+        for i, p in enumerate(prompts):
+            tokens[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i, :L - len(p)] = False
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+        slots = torch.arange(S, device=dev)
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        was_training = self.training
+        self.eval()
+        self.setup_cache(B, S)
+        out = torch.empty(B, 0, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        try:
+            start, cur = 0, tokens
+            for _ in range(max_new_tokens):
+                q = slots[start:start + cur.shape[1]]
+                mask = make_mask(valid[:, :start + cur.shape[1]], q, slots[:start + cur.shape[1]], self.args.sliding_window)
+                logits = self.run(cur, positions[:, q], mask, cache_start=start)[:, -1].float()
+                nxt = sample(logits, temperature, top_p, gen)
+                done |= torch.isin(nxt, stop)
+                out = torch.cat([out, nxt[:, None]], dim=1)
+                if done.all():
+                    break
+                start, cur = start + cur.shape[1], nxt[:, None]
+        finally:
+            self.setup_cache(0, 0)
+            self.train(was_training)
+        stops, result = set(stop.tolist()), []
+        for row in out.tolist():  # cut each row at its first stop id
+            result.append(next((row[:j] for j, t in enumerate(row) if t in stops), row))
+        return result
+
+    def eos_ids(self):
+        eos = self.config.get("eos_token_id", 2)
+        return eos if isinstance(eos, list) else [eos]
+
+    # -------------------------------------------------------------------------
+    # loading and saving HF checkpoints
+
+    @classmethod
+    def from_config(cls, config, device="cpu", dtype=torch.float32):
+        """A fresh, randomly initialised model from a config dict (or a config.json path)."""
+        if isinstance(config, str):
+            with open(config) as f:
+                config = json.load(f)
+        args = ModelArgs.from_config(config)
+        with torch.device(device):
+            model = cls(args, config)
+        model.init_weights()
+        return model.to(dtype)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir, device="cpu", dtype=torch.float32):
+        config = load_config(checkpoint_dir)
+        args = ModelArgs.from_config(config, os.path.join(checkpoint_dir, "config.json"))
+        with torch.device("meta"):  # no random weights allocated first
+            model = cls(args, config)
+        state = load_checkpoint_tensors(checkpoint_dir)
+        expected = {k: v for k, v in model.state_dict().items()}
+        if args.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+            state.pop("lm_head.weight", None)  # some tied checkpoints store it anyway
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        if missing or unexpected:
+            raise CheckpointError(f"{checkpoint_dir}: tensors do not match the config: missing {missing[:8]}"
+                                  f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                                  f"{'...' if len(unexpected) > 8 else ''}")
+        for k, v in expected.items():
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise CheckpointError(f"{checkpoint_dir}: tensor {k} has shape {tuple(state[k].shape)}, "
+                                      f"the config needs {tuple(v.shape)}")
+        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)  # strictness checked above (tied head)
+        if args.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(args).to(device)
+        return model.eval()
+
+    def save_pretrained(self, out_dir, dtype=None):
+        """config.json + model.safetensors, the layout transformers and from_pretrained read."""
+        os.makedirs(out_dir, exist_ok=True)
+        state = self.state_dict()
+        if self.args.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        save_safetensors(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        config = dict(self.config)
+        config["dtype"] = str(dtype or self.lm_head.weight.dtype).removeprefix("torch.")
+        tmp = os.path.join(out_dir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, "config.json"))
+
+
+
+def load_checkpoint_tensors(checkpoint_dir):
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    single = os.path.join(checkpoint_dir, "model.safetensors")
+    index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_safetensors(single)
+    if not os.path.isfile(index):
+        raise CheckpointError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json "
+                              f"(only safetensors checkpoints are read)")
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: malformed index ({e})") from None
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors = load_safetensors(os.path.join(checkpoint_dir, shard))
+        state.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
+    return state
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """logits (B, V) -> next ids (B,): greedy at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
