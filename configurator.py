@@ -30,7 +30,7 @@ def parse_args(argv, defaults):
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 raise ConfigError(f"{arg}: config file not found")
-            scope = {}
+            scope = {"__file__": arg}  # a config may build on another one next to it
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), scope)
             for key, value in scope.items():

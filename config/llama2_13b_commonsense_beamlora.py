@@ -1,0 +1,22 @@
+# BeamLoRA, the paper's recipe (Table 4; BEAMLORA.md section 2): Llama-2-13b-hf on Commonsense170K.
+# python train.py config/llama2_13b_commonsense_beamlora.py     (or torchrun --nproc_per_node=N train.py ...)
+init_from = "checkpoints/Llama-2-13b-hf"  # an HF checkpoint directory
+data = "data/commonsense170k/train.jsonl"  # made by data/commonsense170k/prepare.py
+data_format = "alpaca"
+out_dir = "out/llama2_13b_commonsense_beamlora"
+method = "beamlora"
+r = 32
+alpha = 64.0
+dropout = 0.05
+p_init = 0.96
+dt = 2400
+targets = "q_proj,k_proj,v_proj,up_proj,down_proj"
+batch_size = 32
+micro_batch_size = 4
+epochs = 3
+lr = 3e-4
+dtype = "bfloat16"
+gradient_checkpointing = True  # fits a 24 GB GPU; turn off on larger GPUs for speed
+max_len = 512
+warmup_steps = 100  # the authors: 100 warmup steps and a linear schedule for commonsense
+schedule = "linear"
