@@ -2,7 +2,7 @@
 # python train.py config/mistral_7b_codefeedback_beamlora.py     (or torchrun --nproc_per_node=N train.py ...)
 init_from = "checkpoints/Mistral-7B-v0.1"  # an HF checkpoint directory
 data = "data/code_feedback/train.jsonl"  # made by data/code_feedback/prepare.py
-data_format = "metamathqa"  # query / response fields (the authors use fxmeng/CodeFeedback-Python105K)
+data_format = "chat"  # messages; the authors train on fxmeng/CodeFeedback-Python105K (data/README.md)
 out_dir = "out/mistral_7b_codefeedback_beamlora"
 method = "beamlora"
 r = 64
