@@ -1,0 +1,380 @@
+"""
+BeamLoRA: LoRA whose ranks are scored, and every dt steps the weakest ranks are pruned and
+refilled with copies of the strongest (arXiv 2502.13604). The algorithm, step by step, is in
+docs/BEAMLORA.md; the section numbers below refer to it.
+
+    LoRALinear      the layer (section 1): y = W0 x + scaling * B(s * (A dropout(x))), s = r softmax(g / tau)
+    apply_lora      wrap a model's target linears by name
+    select_ranks    dynamic top-p: which ranks of which module to prune (section 3)
+    BeamController  the schedule (section 2), prune/expand (section 4), the ablations (section 5)
+    export_peft     scores folded into A, saved as a PEFT LoRA adapter; merge_lora; load_adapter
+"""
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import load_safetensors, save_safetensors
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a low-rank update; with beam=True the ranks carry scores."""
+
+    def __init__(self, base, r, alpha, dropout=0.0, beam=False, tau=0.05, dtype=torch.float32):
+        super().__init__()
+        # take over the base's own tensors so the key stays "...q_proj.weight" as in the checkpoint
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.scaling, self.tau = r, alpha, alpha / r, tau
+        self.dropout_p = dropout
+        dev = self.weight.device
+        # PEFT's shapes and init: A (r, in) kaiming-uniform(a=sqrt 5), B (out, r) zeros, so W starts at W0
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # score logits g (r,): zeros, so s = 1 for every rank and the layer is plain LoRA at step 0
+        self.lora_score = nn.Parameter(torch.zeros(r, dtype=dtype, device=dev)) if beam else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def rank_scale(self):
+        """s = r * softmax(g / tau): (r,), sums to r; None for plain LoRA."""
+        if self.lora_score is None:
+            return None
+        return self.r * torch.softmax(self.lora_score.float() / self.tau, dim=0).to(self.lora_score.dtype)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        s = self.rank_scale()
+        if s is not None:
+            h = h * s
+        return y + (self.scaling * F.linear(h, self.lora_B)).to(y.dtype)
+
+    def folded_A(self):
+        """A' = diag(s) A: the plain-LoRA A that gives this layer's output (section 1)."""
+        s = self.rank_scale()
+        return self.lora_A if s is None else self.lora_A * s[:, None]
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"beam={self.lora_score is not None}, tau={self.tau}")
+
+
+def linear_names(model):
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))})
+
+
+def apply_lora(model, targets, r, alpha, dropout=0.0, beam=False, tau=0.05, dtype=torch.float32):
+    """Freeze the model and wrap every linear whose last name is in targets. Returns {name: LoRALinear}."""
+    targets = list(targets)
+    known = linear_names(model)
+    unknown = [t for t in targets if t not in known]
+    if unknown:
+        raise ValueError(f"unknown target module(s) {', '.join(unknown)}; the model's linears are: {', '.join(known)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            if not 0 < r <= min(mod.in_features, mod.out_features):
+                raise ValueError(f"r={r} does not fit {name} ({mod.in_features} -> {mod.out_features}): "
+                                 f"it must be between 1 and {min(mod.in_features, mod.out_features)}")
+            wrapped[name] = LoRALinear(mod, r, alpha, dropout, beam, tau, dtype)
+    for name, lora in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, lora)
+    return wrapped
+
+
+def lora_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+# ----------------------------------------------------------------------------------------------
+# which ranks (section 3)
+
+def threshold(t, p_init, end_step, static=False):
+    """p(t): cosine from p_init at t = 0 to 1 at end_step, then 1. Static: p_init throughout."""
+    if static:
+        return p_init
+    if t >= end_step:
+        return 1.0
+    return p_init + (1 - p_init) * (1 - math.cos(math.pi * t / end_step)) / 2
+
+
+def order_desc(s):
+    """Indices of s by descending score; ties keep index order (stable), so every process agrees."""
+    return torch.sort(s.double(), descending=True, stable=True).indices
+
+
+def select_ranks(scores, p, scope="global"):
+    """How many ranks K_m to prune in each module. scores: {name: s (r,)}.
+
+    Sort the scores (all modules together for "global", each module alone for "module"),
+    take the cumulative sum; the first position where it exceeds p * mass, and every
+    position after it, is pruned. K_m is capped at r // 2 so that the sources (the K_m
+    best ranks) are never among the pruned.
+    """
+    names = list(scores)
+    if p >= 1 or not names:
+        return {n: 0 for n in names}
+    groups = [names] if scope == "global" else [[n] for n in names]
+    k = {n: 0 for n in names}
+    for group in groups:
+        s = torch.cat([scores[n].detach().double().cpu() for n in group])
+        owner = torch.cat([torch.full((len(scores[n]),), i) for i, n in enumerate(group)])
+        order = order_desc(s)
+        csum = torch.cumsum(s[order], 0)
+        cut = int(torch.searchsorted(csum, p * s.sum(), right=True))  # first position with csum > p * mass
+        for i in owner[order[cut:]].tolist():
+            k[group[i]] += 1
+    return {n: min(k[n], len(scores[n]) // 2) for n in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# the schedule, prune and expand (sections 2, 4, 5)
+
+class BeamController:
+    """Call step(t) after optimizer step t (t = 1 .. total_steps). It snapshots the adapters at
+    t % dt == dt/2 and prunes/expands at t % dt == 0. Every decision depends only on the
+    (replicated) parameters and a seeded generator, so all data-parallel processes agree
+    without communicating."""
+
+    def __init__(self, modules, optimizer, dt, p_init, end_step, total_steps, scope="global",
+                 no_expand=False, random_assess=False, static_p=False, no_history=False, seed=0):
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ValueError(f"BeamLoRA rewrites AdamW's exp_avg/exp_avg_sq; {type(optimizer).__name__} has none")
+        if not modules or any(m.lora_score is None for m in modules.values()):
+            raise ValueError("BeamController needs LoRALinear modules made with beam=True")
+        if dt < 2:
+            raise ValueError(f"dt={dt}: the interval must be at least 2 (a snapshot half way between operations)")
+        if not 0 < p_init < 1:
+            raise ValueError(f"p_init={p_init}: must be in (0, 1)")
+        if scope not in ("global", "module"):
+            raise ValueError(f"scope={scope!r}: must be 'global' or 'module'")
+        self.modules, self.opt = dict(modules), optimizer
+        self.dt, self.p_init, self.end_step, self.total = dt, p_init, end_step, total_steps
+        self.scope, self.no_expand, self.random_assess = scope, no_expand, random_assess
+        self.static_p, self.no_history = static_p, no_history
+        self.gen = torch.Generator().manual_seed(seed)  # pairings and random assessment; on the cpu
+        self.snapshot = None  # {name: {"A", "B", "A_m1", "A_m2", "B_m1", "B_m2"}}
+        self.snapshot_step = None
+
+    def threshold(self, t):
+        return threshold(t, self.p_init, self.end_step, self.static_p)
+
+    def operates(self, t):
+        return t > 0 and t % self.dt == 0 and self.total - t >= self.dt and self.threshold(t) < 1
+
+    def snapshots(self, t):
+        # only the snapshots an operation will use: the one dt/2 before each operation
+        half = self.dt // 2
+        return not self.no_history and t % self.dt == half and self.operates(t - half + self.dt)
+
+    def step(self, t):
+        """Do what the schedule says after optimizer step t. Returns the operation's event or None."""
+        if self.snapshots(t):
+            self.snapshot = self.take_snapshot()
+            self.snapshot_step = t
+        if not self.operates(t):
+            return None
+        return self.operate(t)
+
+    def moments(self, p):
+        st = self.opt.state.get(p, {})
+        if "exp_avg" not in st or "exp_avg_sq" not in st:
+            raise ValueError("BeamLoRA needs AdamW state (exp_avg, exp_avg_sq) for every adapter parameter; "
+                             "call the controller after optimizer.step()")
+        return st["exp_avg"], st["exp_avg_sq"]
+
+    @torch.no_grad()
+    def take_snapshot(self):
+        # A, B and their moments. g needs no history: the operation averages the current logits.
+        snap = {}
+        for name, m in self.modules.items():
+            a1, a2 = self.moments(m.lora_A)
+            b1, b2 = self.moments(m.lora_B)
+            snap[name] = {"A": m.lora_A.detach().clone(), "B": m.lora_B.detach().clone(),
+                          "A_m1": a1.clone(), "A_m2": a2.clone(), "B_m1": b1.clone(), "B_m2": b2.clone()}
+        return snap
+
+    @torch.no_grad()
+    def operate(self, t):
+        p = self.threshold(t)
+        scores = {n: m.rank_scale() for n, m in self.modules.items()}
+        ks = select_ranks(scores, p, self.scope)
+        hist = self.take_snapshot() if self.no_history else self.snapshot
+        if hist is None:
+            raise ValueError(f"step {t}: no snapshot to copy from (a snapshot is taken at t % dt == dt/2)")
+        event = {"step": t, "p": p, "modules": {}}
+        for name, m in self.modules.items():  # fixed order: the generator draws the same on every process
+            k = ks[name]
+            if k == 0:
+                continue
+            r = m.r
+            if self.random_assess:  # ablation: same K_m, but P and E drawn at random (disjoint)
+                perm = torch.randperm(r, generator=self.gen)
+                pruned, sources = perm[:k], perm[k:2 * k]
+            else:
+                order = order_desc(scores[name])
+                pruned = order[r - k:]  # the K_m lowest scores
+                sources = order[:k][torch.randperm(k, generator=self.gen)]  # the K_m highest, randomly paired
+            event["modules"][name] = {"pruned": pruned.tolist(), "sources": sources.tolist(),
+                                      "scores": scores[name].tolist()}
+            self.prune_expand(m, pruned.to(m.lora_A.device), sources.to(m.lora_A.device), hist[name])
+        return event
+
+    def prune_expand(self, m, P, E, h):
+        """Section 4 on one module: rank P[j] becomes the historical copy of rank E[j]."""
+        A, B, g = m.lora_A, m.lora_B, m.lora_score
+        a1, a2 = self.moments(A)
+        b1, b2 = self.moments(B)
+        if self.no_expand:  # ablation: the pruned ranks are zeroed (and stay dead: their gradients are 0)
+            for x in (A, a1, a2):
+                x[P] = 0
+            for x in (B, b1, b2):
+                x[:, P] = 0
+            return
+        A[P], a1[P], a2[P] = h["A"][E], h["A_m1"][E], h["A_m2"][E]
+        B[:, P], b1[:, P], b2[:, P] = h["B"][:, E], h["B_m1"][:, E], h["B_m2"][:, E]
+        avg = (g[P] + g[E]) / 2  # the copy and its source start from equal scores
+        g[P], g[E] = avg, avg
+        for x in self.moments(g):  # the score distribution changed: its momentum is stale
+            x.zero_()
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state(), "snapshot": self.snapshot, "snapshot_step": self.snapshot_step,
+                "config": {"dt": self.dt, "p_init": self.p_init, "end_step": self.end_step, "total": self.total,
+                           "scope": self.scope}}
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()["config"]
+        if state["config"] != mine:
+            raise ValueError(f"beam schedule of the checkpoint {state['config']} differs from this run's {mine}")
+        self.gen.set_state(state["gen"])
+        self.snapshot_step = state["snapshot_step"]
+        self.snapshot = None
+        if state["snapshot"] is not None:
+            self.snapshot = {n: {k: v.to(self.modules[n].lora_A.device) for k, v in d.items()}
+                             for n, d in state["snapshot"].items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# analysis and export
+
+@torch.no_grad()
+def rank_importance(model):
+    """Per module: "score" s (r,) (ones for plain LoRA), and "norm" ||s_i b_i a_i||_F (r,), the
+    Frobenius norm of each rank's update (the paper's offline measure), = s_i ||b_i|| ||a_i||."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        s = m.rank_scale()
+        s = torch.ones(m.r, device=m.lora_A.device) if s is None else s.float()
+        norm = s * m.lora_B.float().norm(dim=0) * m.lora_A.float().norm(dim=1)
+        out[name] = {"score": s.cpu(), "norm": norm.cpu()}
+    return out
+
+
+def peft_key(name, which):
+    return f"base_model.model.{name}.{which}.weight"
+
+
+def atomic_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def export_peft(model, out_dir, base_model_name_or_path=None):
+    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) with s folded into A."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA modules to export")
+    first = next(iter(mods.values()))
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {}
+    for name, m in mods.items():
+        tensors[peft_key(name, "lora_A")] = m.folded_A().detach().float().cpu().contiguous()
+        tensors[peft_key(name, "lora_B")] = m.lora_B.detach().float().cpu().contiguous()
+    save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
+              "lora_dropout": first.dropout_p, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "inference_mode": True, "modules_to_save": None,
+              "base_model_name_or_path": str(base_model_name_or_path) if base_model_name_or_path else None}
+    atomic_json(config, os.path.join(out_dir, "adapter_config.json"))
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """W = W0 + scaling * B A' into each wrapped linear, which becomes a plain nn.Linear again."""
+    for name, m in lora_modules(model).items():
+        delta = m.scaling * (m.lora_B.float() @ m.folded_A().float())  # (out, in)
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight = nn.Parameter((m.weight.float() + delta).to(m.weight.dtype), requires_grad=False)
+        if m.bias is not None:
+            lin.bias = m.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, lin)
+    return model
+
+
+def load_adapter(model, adapter_dir, dtype=torch.float32):
+    """Load a PEFT-format LoRA adapter (ours or any from elsewhere) onto our model, unmerged."""
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    st_path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{cfg_path}: not found; an adapter directory has adapter_config.json")
+    if not os.path.isfile(st_path):
+        hint = " (adapter_model.bin is a pickle: convert it to safetensors)" if os.path.isfile(
+            os.path.join(adapter_dir, "adapter_model.bin")) else ""
+        raise ValueError(f"{st_path}: not found{hint}")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (no DoRA, rank or alpha patterns)")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    tensors = load_safetensors(st_path)
+    # keys: base_model.model.<module>.lora_A.weight (PEFT may also write ".default" before ".weight")
+    pat = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+    found = {}
+    for key, t in tensors.items():
+        mt = pat.match(key)
+        if not mt:
+            raise ValueError(f"{st_path}: unexpected tensor {key} (only lora_A / lora_B weights are supported)")
+        found.setdefault(mt.group(1), {})[mt.group(2)] = t
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, ab in found.items():
+        if name not in linears or set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{st_path}: {name} is not a linear of this model or lacks lora_A/lora_B")
+        base = linears[name]
+        if ab["lora_A"].shape != (r, base.in_features) or ab["lora_B"].shape != (base.out_features, r):
+            raise ValueError(f"{st_path}: {name} has shapes {tuple(ab['lora_A'].shape)}, {tuple(ab['lora_B'].shape)}; "
+                             f"expected ({r}, {base.in_features}), ({base.out_features}, {r})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, ab in found.items():
+        m = LoRALinear(linears[name], r, alpha, dtype=dtype)
+        if cfg.get("use_rslora"):
+            m.scaling = alpha / math.sqrt(r)
+        m.lora_A.data.copy_(ab["lora_A"])
+        m.lora_B.data.copy_(ab["lora_B"])
+        m.lora_A.requires_grad_(False)
+        m.lora_B.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, m)
+    return model
