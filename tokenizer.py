@@ -1,0 +1,113 @@
+"""
+The tokenizer of a checkpoint: sentencepiece (Llama-2, Mistral) or tiktoken BPE (Llama-3), told apart by
+the content of tokenizer.model, not by its name.
+
+    tok = Tokenizer("checkpoints/Mistral-7B-v0.3")    # or the tokenizer.model file itself
+    ids = tok.encode("hi", bos=True)                  # [1, 12782]
+    tok.decode(ids[1:]), tok.stop_ids                 # "hi", {2}
+
+Text is always encoded as text: "<s>", "[INST]" or "<|eot_id|>" typed in the data are plain characters,
+never the special token (Meta's llama and mistral_common do the same), so the only special tokens in a
+sequence are the bos/eos asked for. The sentencepiece encoding is sentencepiece's own, with its dummy
+prefix: " x" is "▁▁x". HF's tokenizer.json does not add the prefix to text that already starts with a
+space, so it differs from us (and from Meta's reference) there.
+"""
+import base64
+import os
+import re
+
+import sentencepiece as spm
+import tiktoken
+
+# Meta's llama3 tokenizer.py: the pre-tokenizer split and the 256 special tokens after the base ranks
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]  # 256 in all
+TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")  # "IQ== 0": a base64 token, its rank
+
+
+class Tokenizer:
+    def __init__(self, path):
+        path = str(path)
+        if os.path.isdir(path):
+            # HF's Llama-3 repos keep the tiktoken file in original/, next to a tokenizer.json we do not read
+            cands = [os.path.join(path, "tokenizer.model"), os.path.join(path, "original", "tokenizer.model")]
+            path = next((c for c in cands if os.path.isfile(c)), cands[0])
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: tokenizer file not found")
+        self.path = path
+        with open(path, "rb") as f:
+            data = f.read()
+        if TIKTOKEN_LINE.fullmatch(data.split(b"\n", 1)[0].strip()):
+            self._init_tiktoken(data)
+        else:
+            self._init_sentencepiece(data)
+
+    def _init_sentencepiece(self, data):
+        self.sp, self.tt, self.special = spm.SentencePieceProcessor(), None, {}
+        try:
+            self.sp.LoadFromSerializedProto(data)
+        except (RuntimeError, TypeError, ValueError):
+            self.sp = None
+        # an empty file parses as an empty model proto: require pieces too
+        if self.sp is None or self.sp.get_piece_size() == 0:
+            raise ValueError(f"{self.path}: neither a sentencepiece model nor a tiktoken BPE file")
+        self.n_words = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # Llama-2 and Mistral have no pad piece (pad_id -1). Padding needs a real id (it is embedded, then masked),
+        # and it must not be eos: code that masks labels by `ids == pad_id` would then never train the eos.
+        # unk fits: these models fall back to bytes, so unk never appears in encoded text.
+        self.pad_id = next(i for i in (self.sp.pad_id(), self.sp.unk_id(), self.eos_id) if i >= 0)
+        self.stop_ids = {self.eos_id}
+
+    def _init_tiktoken(self, data):
+        ranks = {}
+        for n, line in enumerate(data.splitlines(), 1):
+            if line.strip():
+                token, _, rank = line.partition(b" ")
+                try:
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:  # binascii.Error is a ValueError
+                    raise ValueError(f"{self.path}:{n}: not a 'base64token rank' line of a tiktoken BPE file") from None
+        # the specials are numbered after the base ranks, so those must be exactly 0..n-1
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError(f"{self.path}: tiktoken ranks are not 0..{len(ranks) - 1}, each once")
+        n_base = len(ranks)
+        self.special = {t: n_base + i for i, t in enumerate(LLAMA3_SPECIALS)}  # name -> id
+        self.sp = None
+        self.tt = tiktoken.Encoding(os.path.basename(self.path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                    special_tokens=self.special)
+        self.n_words = self.tt.n_vocab  # n_base + 256
+        self.bos_id, self.eos_id = self.special["<|begin_of_text|>"], self.special["<|end_of_text|>"]
+        # a reserved token: in the embedding, never produced from text (Llama-3.1 names this one
+        # <|finetune_right_pad_id|>)
+        self.pad_id = self.special["<|reserved_special_token_2|>"]
+        # base models end a document with <|end_of_text|>, instruct models a turn with <|eot_id|>
+        self.stop_ids = {self.eos_id, self.special["<|eot_id|>"]}
+
+    def encode(self, text, bos=False, eos=False):
+        if self.sp is not None:
+            ids = self.sp.encode(text)
+        else:
+            ids = [i for part in _tiktoken_parts(text) for i in self.tt.encode_ordinary(part)]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]  # tensors and numpy ints too
+        return self.sp.decode(ids) if self.sp is not None else self.tt.decode(ids)
+
+
+def _tiktoken_parts(text, max_chars=400_000, max_run=25_000):
+    # tiktoken's regex overflows its stack (a Rust panic, not an exception) on very long runs of whitespace or
+    # non-whitespace. Cut where Meta's llama3 tokenizer cuts: every 400k characters, and inside any run of more
+    # than 25k, so long documents encode to the same ids as theirs.
+    for i in range(0, len(text), max_chars):
+        chunk, start = text[i:i + max_chars], 0
+        for m in re.finditer(rf"\s{{{max_run + 1},}}|\S{{{max_run + 1},}}", chunk):
+            for cut in range(m.start() + max_run, m.end(), max_run):
+                yield chunk[start:cut]
+                start = cut
+        yield chunk[start:]
