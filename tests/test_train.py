@@ -1,0 +1,218 @@
+# train.py on CPU: a tiny end-to-end BeamLoRA run, the label mask, exact resume, DDP under torchrun,
+# activation checkpointing, and the one-line errors for bad input.
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import beamlora
+import train
+from conftest import ROOT
+from model import Transformer, load_safetensors
+from tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """Word problems and a sentencepiece tokenizer from the demo generator, at a tiny size."""
+    spec = importlib.util.spec_from_file_location("demo_prepare", os.path.join(ROOT, "data", "demo", "prepare.py"))
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    return prep.prepare(str(tmp_path_factory.mktemp("demo")), seed=1, n_train=64, n_test=8, n_pretrain=400,
+                        vocab_size=420)
+
+
+@pytest.fixture(scope="module")
+def base(demo_data, tmp_path_factory):
+    """A tiny random LLaMA checkpoint with the demo tokenizer."""
+    n_vocab = Tokenizer(os.path.join(demo_data, "tokenizer.model")).n_words
+    cfg = dict(model_type="llama", vocab_size=n_vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+               eos_token_id=2)
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("base"))
+    m = Transformer.from_config(cfg)
+    with torch.no_grad():  # larger weights than a fresh init (std 0.02): a base whose features adapters can use
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(std=1.0 if p.shape[0] == n_vocab else p.shape[1] ** -0.5)
+    m.save_pretrained(path)
+    shutil.copy(os.path.join(demo_data, "tokenizer.model"), path)
+    return path
+
+
+def cfg_for(base, demo_data, out_dir, **kw):
+    cfg = dict(train.DEFAULTS, init_from=base, data=os.path.join(demo_data, "train.jsonl"), out_dir=str(out_dir),
+               method="beamlora", r=4, alpha=8.0, dropout=0.0, max_len=512, batch_size=8, micro_batch_size=4,
+               max_steps=16, dt=4, p_init=0.9, lr=1e-2, dtype="float32", device="cpu", log_interval=4, seed=3)
+    cfg.update(kw)
+    return cfg
+
+
+def test_end_to_end_beamlora(base, demo_data, tmp_path):
+    out = tmp_path / "run"
+    res = train.train(cfg_for(base, demo_data, out, max_steps=24, val_data=os.path.join(demo_data, "test.jsonl")))
+    losses = res["losses"]
+    assert len(losses) == 24 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2
+    events = [json.loads(line) for line in open(out / "beam_events.jsonl")]
+    assert [e["step"] for e in events] == [4, 8, 12]  # dt = 4, end step 16, none in the last 4 steps
+    assert sum(len(m["pruned"]) for e in events for m in e["modules"].values()) > 0
+    assert res["val_loss"] < losses[0]
+    # the adapter loads in PEFT onto the transformers model, and in our model, with the same logits
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    x = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    ours = beamlora.load_adapter(Transformer.from_pretrained(base), str(out / "adapter"))
+    hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), str(out / "adapter"))
+    with torch.no_grad():
+        ref = hf.eval()(x).logits  # logits of size ~10 here: float32 noise is ~1e-5 of that
+        assert (ref - ours(x)).abs().max() <= 1e-5 * ref.abs().max()
+    # and eval.py scores it
+    import eval as eval_lib
+    summary = eval_lib.main([f"--model={base}", f"--adapter={out / 'adapter'}", "--task=gsm8k", "--limit=3",
+                             f"--data={os.path.join(demo_data, 'test.jsonl')}", f"--out={tmp_path / 'eval'}",
+                             "--max_new_tokens=8", "--device=cpu"])
+    assert summary["n"] == 3 and os.path.isfile(tmp_path / "eval" / "gsm8k_samples.jsonl")
+
+
+def test_label_mask_exact(base, tmp_path):
+    tok = Tokenizer(base)
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"query": "Tom has 3 apples. How many?", "response": "3+1=4\nThe answer is: 4"}) + "\n")
+    cfg = dict(train.DEFAULTS, data_format="metamathqa", max_len=512, out_dir=str(tmp_path))
+    [(ids, labels)] = train.tokenize_file(str(path), tok, cfg)
+    prompt = tok.encode(train.PROMPT.format(instruction="Tom has 3 apples. How many?"), bos=True)
+    response = tok.encode("3+1=4\nThe answer is: 4", eos=True)
+    assert prompt[0] == tok.bos_id and response[-1] == tok.eos_id
+    assert ids == prompt + response
+    assert labels == [-100] * len(prompt) + response  # no loss on the prompt; the response and its EOS trained
+    x, y = train.collate([(ids, labels)], [0], "cpu")
+    assert y[0, len(prompt) - 2] == -100 and y[0, len(prompt) - 1] == response[0]  # position t predicts t + 1
+    assert y[0, -1] == -100
+    # a second read comes from the cache next to the data, identical
+    assert os.listdir(tmp_path).count("one.jsonl") == 1 and any(f.endswith(".cache.pt") for f in os.listdir(tmp_path))
+    assert train.tokenize_file(str(path), tok, cfg) == [(ids, labels)]
+
+
+def test_truncation_is_counted(base, tmp_path, capsys):
+    path = tmp_path / "long.jsonl"
+    rows = [{"query": "q " * 5, "response": "a " * 400}, {"query": "q", "response": "short"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex = train.tokenize_file(str(path), Tokenizer(base), dict(train.DEFAULTS, max_len=200, out_dir=str(tmp_path)))
+    assert max(len(e[0]) for e in ex) == 200 and "1 of 2 examples truncated to max_len=200" in capsys.readouterr().out
+
+
+def test_resume_equals_uninterrupted(base, demo_data, tmp_path):
+    # dt = 4, 16 steps over two epochs, dropout on: operations at 4, 8, 12, snapshots at 2, 6, 10.
+    # Stopped at 5 (after an operation) and at 7 (between a snapshot and the operation that uses it).
+    kw = dict(max_steps=16, dropout=0.1, p_init=0.6, end_step=16)  # p(8) = 0.8: pairs of ranks to permute
+    full = train.train(cfg_for(base, demo_data, tmp_path / "full", **kw))
+    part = train.train(cfg_for(base, demo_data, tmp_path / "part", stop_after=5, **kw))
+    assert part["stopped"] and len(part["losses"]) == 5
+    mid = train.train(cfg_for(base, demo_data, tmp_path / "part", resume=True, stop_after=2, **kw))
+    rest = train.train(cfg_for(base, demo_data, tmp_path / "part", resume=True, **kw))
+    got = part["losses"] + mid["losses"] + rest["losses"]
+    assert len(got) == 16 and max(abs(a - b) for a, b in zip(got, full["losses"])) <= 1e-6
+    a = load_safetensors(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_safetensors(str(tmp_path / "part" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ev = lambda d: open(d / "beam_events.jsonl").read()  # noqa: E731
+    assert ev(tmp_path / "full") == ev(tmp_path / "part") and ev(tmp_path / "full").count("\n") == 3
+    assert any(len(m["pruned"]) >= 2 for m in json.loads(ev(tmp_path / "full").splitlines()[1])["modules"].values())
+
+
+def test_lora_and_full_methods(base, demo_data, tmp_path):
+    res = train.train(cfg_for(base, demo_data, tmp_path / "lora", method="lora", max_steps=6))
+    assert not os.path.exists(tmp_path / "lora" / "beam_events.jsonl") and res["losses"][-1] < res["losses"][0]
+    res = train.train(cfg_for(base, demo_data, tmp_path / "full", method="full", max_steps=4, lr=1e-3,
+                              save_merged=True))
+    m = Transformer.from_pretrained(str(tmp_path / "full" / "model"))
+    assert os.path.isfile(tmp_path / "full" / "model" / "tokenizer.model")
+    assert not torch.equal(m.model.layers[0].mlp.up_proj.weight, Transformer.from_pretrained(base).model.layers[0].mlp.up_proj.weight)
+
+
+def test_gradient_checkpointing_trains_adapters(base):
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = Transformer.from_pretrained(base)
+        beamlora.apply_lora(m, ["q_proj", "down_proj"], r=4, alpha=8, beam=True)
+        for mod in beamlora.lora_modules(m).values():
+            torch.nn.init.normal_(mod.lora_B, std=0.1)
+        m.gradient_checkpointing = ckpt
+        m.train()
+        _, loss = m(x, targets=x)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 12
+    for n in grads[0]:
+        assert grads[0][n].abs().sum() > 0 and torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_ddp_two_processes_match_one(base, demo_data, tmp_path):
+    """torchrun, gloo, 2 processes x micro-batch 2 = one process x micro-batch 4: same losses and adapter."""
+    single = train.train(cfg_for(base, demo_data, tmp_path / "one", max_steps=8, dropout=0.0))
+    cfg = cfg_for(base, demo_data, tmp_path / "two", max_steps=8, micro_batch_size=2)
+    keys = ("init_from", "data", "out_dir", "r", "alpha", "max_len", "batch_size", "micro_batch_size", "max_steps",
+            "dt", "p_init", "lr", "dtype", "device", "log_interval", "seed", "dropout")
+    (tmp_path / "ddp_config.py").write_text("".join(f"{k} = {cfg[k]!r}\n" for k in keys))
+    args = [str(tmp_path / "ddp_config.py")]  # a config file, as users run it (torchrun would eat --r=4)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                           os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
+    assert abs(log[-1]["loss"] - sum(single["losses"][-4:]) / 4) < 1e-4
+    ev = [[json.loads(line) for line in open(tmp_path / d / "beam_events.jsonl")] for d in ("one", "two")]
+    assert [e["step"] for e in ev[0]] == [e["step"] for e in ev[1]] == [4]
+    for name, m in ev[0][0]["modules"].items():  # the same ranks pruned and copied; scores equal to rounding
+        other = ev[1][0]["modules"][name]
+        assert m["pruned"] == other["pruned"] and m["sources"] == other["sources"]
+        assert max(abs(a - b) for a, b in zip(m["scores"], other["scores"])) < 1e-4
+    a = load_safetensors(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_safetensors(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a ConfigError / ValueError naming the problem, before any training
+
+@pytest.mark.parametrize("change, message", [
+    (dict(data="nope.jsonl"), "nope.jsonl: data file missing or empty"),
+    (dict(targets="q_proj,qkv_proj"), "unknown target module.*qkv_proj"),
+    (dict(r=1000), "r=1000 does not fit"),
+    (dict(p_init=1.5), "--p_init=1.5"),
+    (dict(dt=1), "--dt=1"),
+    (dict(method="dora"), "--method=dora"),
+    (dict(batch_size=6), "--batch_size=6 must be a multiple"),
+])
+def test_bad_config(base, demo_data, tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        train.train(cfg_for(base, demo_data, tmp_path / "bad", **change))
+    assert not os.path.exists(tmp_path / "bad" / "ckpt.pt")
+
+
+def test_malformed_line_and_not_a_model(base, demo_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"query": "a", "response": "b"}) + "\n" + '{"query": "a", "resp\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: malformed line"):
+        train.train(cfg_for(base, demo_data, tmp_path / "o", data=str(bad)))
+    bad.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: malformed line for data_format=metamathqa"):
+        train.train(cfg_for(base, demo_data, tmp_path / "o", data=str(bad)))
+    with pytest.raises(ValueError, match="config.json"):
+        train.train(cfg_for(str(tmp_path), demo_data, tmp_path / "o"))
+
+
+def test_cli_one_line_errors(base, demo_data, tmp_path):
+    for args, message in ((["--nope=1"], "nope"), ([f"--init_from={tmp_path}", "--data=x.jsonl"], "x.jsonl")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr and proc.stderr.startswith("error: ")

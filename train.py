@@ -1,0 +1,475 @@
+"""
+Fine-tune a LLaMA / Mistral checkpoint with BeamLoRA, LoRA or full fine-tuning. One loop for CPU,
+one GPU, or many under torchrun (DDP).
+
+    python train.py                                      # the offline demo (demo.py), no arguments
+    python train.py config/llama2_7b_metamath_beamlora.py --micro_batch_size=2
+    torchrun --nproc_per_node=8 train.py config/llama2_7b_metamath_beamlora.py
+    python train.py config/llama2_7b_metamath_beamlora.py --resume    # continue from out_dir/ckpt.pt
+
+Writes to out_dir: ckpt.pt (every save_interval steps and at the end), beam_events.jsonl (one
+line per prune/expand), log.jsonl, adapter/ (PEFT format, scores folded in), and on request
+merged/ (a full HF checkpoint). Method full writes model/ instead of adapter/.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import beamlora
+from configurator import ConfigError, parse_args
+from model import Transformer
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# defaults, overridden by a config file and --key=value (see configurator.py)
+out_dir = "out"
+init_from = ""  # an HF checkpoint directory (config.json + safetensors)
+model_config = ""  # or a config.json for a fresh, randomly initialised model (pretraining, method full)
+tokenizer = ""  # tokenizer.model (or its directory); default: the one in init_from
+data = ""  # training data: .jsonl instruction data, or .txt plain text (loss on every token)
+val_data = ""  # held-out data in the same format: loss reported at eval_interval and at the end
+data_format = "metamathqa"  # metamathqa (query/response) | alpaca | gsm8k (question/answer) | chat (messages)
+max_len = 512  # tokens per example; longer ones are truncated (and counted)
+method = "beamlora"  # full | lora | beamlora
+targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+r = 64
+alpha = 128.0  # the paper's runs: alpha = 2r
+dropout = 0.05
+tau = 0.05  # temperature of the rank scores (the authors use 0.03 when lr < 1e-4)
+dt = 0  # steps between prune/expand operations (0: total_steps // 12, rounded to even)
+p_init = 0.95  # initial top-p threshold (paper: 0.95 for r = 64, 0.96 for r = 32)
+end_step = 0  # p reaches 1 here (0: two thirds of the total steps, as in the paper)
+scope = "global"  # global (the authors' code) | module (the paper's text)
+no_expand = False  # ablations, BEAMLORA.md section 5
+random_assess = False
+static_p = False
+no_history = False
+epochs = 3
+max_steps = 0  # 0: epochs over the data
+batch_size = 32  # global batch, in examples, over all processes and accumulation steps
+micro_batch_size = 4
+lr = 3e-4
+min_lr = 0.0
+schedule = "cosine"  # cosine | linear (the authors' commonsense runs), after a linear warmup
+warmup_ratio = 0.03  # the authors' math and code runs
+warmup_steps = 0  # if > 0, overrides warmup_ratio (the authors' commonsense runs: 100)
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+device = "cuda" if torch.cuda.is_available() else "cpu"
+gradient_checkpointing = False  # per block, non-reentrant: a 7B model on a 24 GB GPU needs it
+compile = False
+seed = 1337
+log_interval = 10
+eval_interval = 0  # 0: held-out loss only at the end
+score_log_interval = 0  # write rank importance (scores, ||b_i a_i||) to scores.jsonl every N steps
+save_interval = 0  # 0: checkpoint only at the end
+resume = False
+stop_after = 0  # stop with a checkpoint after this many steps of this run (a job time limit); --resume goes on
+save_merged = False  # also write merged/ (W0 + scaling * B diag(s) A), a plain HF checkpoint
+peak_flops = 989e12  # for MFU: H100 SXM dense bf16
+wandb_log = False
+wandb_project = "beamlora"
+wandb_run_name = "run"
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+# -----------------------------------------------------------------------------
+
+PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+          "the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                "{instruction}\n\n### Input:\n{input}\n\n### Response:")
+
+
+def segments(ex, data_format):
+    """One jsonl record -> [(text, trained?)]: the prompt carries no loss, the response does."""
+    if data_format == "metamathqa":
+        return [(PROMPT.format(instruction=ex["query"]), False), (ex["response"], True)]
+    if data_format == "gsm8k":
+        return [(PROMPT.format(instruction=ex["question"]), False), (ex["answer"], True)]
+    if data_format == "alpaca":
+        p = PROMPT_INPUT.format(instruction=ex["instruction"], input=ex["input"]) if ex.get("input") else \
+            PROMPT.format(instruction=ex["instruction"])
+        return [(p, False), (ex["output"], True)]
+    if data_format == "chat":  # every assistant turn is trained; user turns are prompts
+        out, first = [], True
+        for m in ex["messages"]:
+            if m["role"] == "assistant":
+                out.append((m["content"], True))
+            elif m["role"] == "user":
+                out.append((PROMPT.format(instruction=m["content"]) if first else
+                            f"\n\n### Instruction:\n{m['content']}\n\n### Response:", False))
+                first = False
+        return out
+    raise ConfigError(f"--data_format: unknown {data_format!r} (metamathqa, alpaca, gsm8k, chat)")
+
+
+def tokenize_file(path, tok, cfg):
+    """-> list of (ids, labels) int lists. Cached next to the data (or in out_dir) keyed by settings."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise ConfigError(f"{path}: data file missing or empty")
+    h = hashlib.sha256()
+    for part in (path, str(os.path.getmtime(path)), str(os.path.getsize(path)), cfg["data_format"],
+                 str(cfg["max_len"]), PROMPT):
+        h.update(part.encode())
+    with open(tok.path, "rb") as f:
+        h.update(f.read())
+    name = f"{os.path.basename(path)}.{h.hexdigest()[:12]}.cache.pt"
+    for cache in (os.path.join(os.path.dirname(os.path.abspath(path)), name), os.path.join(cfg["out_dir"], name)):
+        if os.path.isfile(cache):
+            c = torch.load(cache, weights_only=True)
+            return [(ids.tolist(), lab.tolist()) for ids, lab in zip(c["ids"].split(c["lens"].tolist()),
+                                                                      c["labels"].split(c["lens"].tolist()))]
+    examples, truncated, n_read = [], 0, 0
+    if path.endswith(".txt"):  # plain text: blocks of max_len tokens, loss on every token
+        with open(path, encoding="utf-8") as f:
+            ids = tok.encode(f.read(), bos=True, eos=True)
+        examples = [(ids[i:i + cfg["max_len"]], ids[i:i + cfg["max_len"]]) for i in range(0, len(ids) - 1, cfg["max_len"])]
+    else:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    segs = segments(json.loads(line), cfg["data_format"])
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise ConfigError(f"{path}:{n}: malformed line for data_format={cfg['data_format']} "
+                                      f"({type(e).__name__}: {e})") from None
+                ids, labels = [], []
+                for i, (text, trained) in enumerate(segs):
+                    t = tok.encode(text, bos=i == 0, eos=trained)  # every response ends with EOS, trained
+                    ids += t
+                    labels += t if trained else [-100] * len(t)
+                truncated += len(ids) > cfg["max_len"]
+                n_read += 1
+                if any(x != -100 for x in labels[1:cfg["max_len"]]):
+                    examples.append((ids[:cfg["max_len"]], labels[:cfg["max_len"]]))
+    if not examples:
+        raise ConfigError(f"{path}: no usable examples")
+    if truncated:
+        print(f"{path}: {truncated} of {n_read} examples truncated to max_len={cfg['max_len']}"
+              + (f", {n_read - len(examples)} of them dropped (no response token left)" if n_read > len(examples) else ""))
+    lens = torch.tensor([len(e[0]) for e in examples])
+    blob = {"ids": torch.tensor([t for e in examples for t in e[0]], dtype=torch.int32),
+            "labels": torch.tensor([t for e in examples for t in e[1]], dtype=torch.int32), "lens": lens}
+    for cache in (os.path.join(os.path.dirname(os.path.abspath(path)), name), os.path.join(cfg["out_dir"], name)):
+        try:
+            atomic_save(blob, cache)
+            break
+        except OSError:  # read-only data folder: cache in out_dir instead
+            continue
+    return examples
+
+
+def epoch_batches(lengths, epoch, seed, batch_size):
+    """Global batches (lists of example indices) for one epoch: a seeded shuffle, then sorted by length
+    within chunks of 16 batches so a batch wastes little padding, then the batch order shuffled."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    chunk = 16 * batch_size
+    batches = []
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i:i + chunk], key=lambda j: -lengths[j])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size]  # drop the incomplete last batch
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def collate(examples, idx, device):
+    T = max(len(examples[i][0]) for i in idx)
+    x = torch.zeros(len(idx), T, dtype=torch.long)
+    y = torch.full((len(idx), T), -100, dtype=torch.long)
+    for row, i in enumerate(idx):  # right padding: causal attention never looks at it
+        ids, labels = examples[i]
+        x[row, :len(ids)] = torch.tensor(ids)
+        y[row, :len(ids) - 1] = torch.tensor(labels[1:])  # predict token t+1 at position t
+    return x.to(device), y.to(device)
+
+
+def lr_at(step, total, cfg):
+    warmup = cfg["warmup_steps"] or math.ceil(cfg["warmup_ratio"] * total)
+    if step < warmup:
+        return cfg["lr"] * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg["schedule"] == "cosine" else 1 - progress
+    return cfg["min_lr"] + decay * (cfg["lr"] - cfg["min_lr"])
+
+
+def atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def heldout_loss(model, examples, cfg, ctx):
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), cfg["micro_batch_size"]):
+        x, y = collate(examples, list(range(i, min(i + cfg["micro_batch_size"], len(examples)))), cfg["device"])
+        with ctx:
+            logits = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += (y != -100).sum().item()
+    model.train()
+    return total / max(count, 1)
+
+
+def check_config(cfg):
+    choices = {"method": ("full", "lora", "beamlora"), "scope": ("global", "module"), "schedule": ("cosine", "linear"),
+               "dtype": ("float32", "bfloat16", "float16"), "data_format": ("metamathqa", "alpaca", "gsm8k", "chat")}
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"--{key}={cfg[key]}: must be one of {', '.join(allowed)}")
+    if bool(cfg["init_from"]) == bool(cfg["model_config"]):
+        raise ConfigError("give exactly one of --init_from (an HF checkpoint dir) or --model_config (a config.json)")
+    if not 0 < cfg["p_init"] < 1:
+        raise ConfigError(f"--p_init={cfg['p_init']}: must be in (0, 1)")
+    if cfg["dt"] and (cfg["dt"] < 2 or cfg["dt"] % 2):
+        raise ConfigError(f"--dt={cfg['dt']}: must be an even number >= 2 (a snapshot is taken at dt/2)")
+    if not cfg["data"]:
+        raise ConfigError("--data: no training data given")
+    for key in ("data", "val_data"):  # before the (slow) model load: bad input fails fast
+        if cfg[key] and (not os.path.isfile(cfg[key]) or os.path.getsize(cfg[key]) == 0):
+            raise ConfigError(f"{cfg[key]}: data file missing or empty")
+
+
+def train(cfg):
+    """Runs one training job; returns a summary dict (losses, held-out loss, wall time, peak memory)."""
+    check_config(cfg)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
+    if ddp:
+        dist.init_process_group(backend="nccl" if cfg["device"].startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cfg["device"].startswith("cuda"):
+            cfg["device"] = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(cfg["device"])
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    dev_type = "cuda" if cfg["device"].startswith("cuda") else "cpu"
+    if cfg["batch_size"] % (cfg["micro_batch_size"] * world):
+        raise ConfigError(f"--batch_size={cfg['batch_size']} must be a multiple of micro_batch_size x processes "
+                          f"({cfg['micro_batch_size']} x {world})")
+    accum = cfg["batch_size"] // (cfg["micro_batch_size"] * world)
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    torch.manual_seed(cfg["seed"])  # same on every process: identical initial adapters
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
+
+    # model: the frozen base in the low precision dtype, trained params in fp32
+    if cfg["init_from"]:
+        base_dtype = torch.float32 if cfg["method"] == "full" else ptdtype
+        model = Transformer.from_pretrained(cfg["init_from"], device=cfg["device"], dtype=base_dtype)
+    else:
+        model = Transformer.from_config(cfg["model_config"], device=cfg["device"])
+    tok = Tokenizer(cfg["tokenizer"] or cfg["init_from"])
+    train_ex = tokenize_file(cfg["data"], tok, cfg)
+    val_ex = tokenize_file(cfg["val_data"], tok, cfg) if cfg["val_data"] else []
+    if cfg["method"] != "full":
+        beamlora.apply_lora(model, cfg["targets"].split(","), r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"],
+                            beam=cfg["method"] == "beamlora", tau=cfg["tau"], dtype=torch.float32)
+    model.gradient_checkpointing = cfg["gradient_checkpointing"]
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    n_frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "embed_tokens" not in n)
+    # AdamW without weight decay on the scores and norms, as PEFT/HF do for 1-d params
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                                  fused=dev_type == "cuda")
+    scaler = torch.amp.GradScaler(dev_type, enabled=cfg["dtype"] == "float16")
+    ctx = torch.autocast(dev_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+
+    lengths = [len(e[0]) for e in train_ex]
+    steps_per_epoch = len(epoch_batches(lengths, 0, cfg["seed"], cfg["batch_size"]))
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{cfg['data']}: {len(train_ex)} examples, fewer than one global batch of {cfg['batch_size']}")
+    total = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
+    controller = None
+    if cfg["method"] == "beamlora":
+        dt_ = cfg["dt"] or max(2, (total // 12) // 2 * 2)
+        controller = beamlora.BeamController(
+            beamlora.lora_modules(model), optimizer, dt=dt_, p_init=cfg["p_init"],
+            end_step=cfg["end_step"] or (2 * total) // 3, total_steps=total, scope=cfg["scope"],
+            no_expand=cfg["no_expand"], random_assess=cfg["random_assess"], static_p=cfg["static_p"],
+            no_history=cfg["no_history"], seed=cfg["seed"])
+
+    step, ckpt_path = 0, os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["resume"]:
+        if not os.path.isfile(ckpt_path):
+            raise ConfigError(f"{ckpt_path}: no checkpoint to resume from")
+        ck = torch.load(ckpt_path, map_location=cfg["device"], weights_only=True)
+        trained = dict(model.named_parameters())
+        for name, t in ck["params"].items():
+            trained[name].data.copy_(t)
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        if controller is not None:
+            controller.load_state_dict(ck["controller"])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng_cpu"])
+        if dev_type == "cuda" and "rng_cuda" in ck:
+            torch.cuda.set_rng_state(ck["rng_cuda"])
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+
+    raw_model = model  # the controller, checkpoints and export work on the unwrapped model
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if dev_type == "cuda" else None)
+    if cfg["wandb_log"] and master:
+        import wandb
+        wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
+    if master:
+        print(f"{cfg['method']}: {n_train:,} trained / {n_frozen:,} frozen params, {len(train_ex)} examples, "
+              f"{total} steps of {cfg['batch_size']} ({accum} micro-batches of {cfg['micro_batch_size']} x {world} "
+              f"processes)" + (f", dt={controller.dt}" if controller else ""))
+
+    def save_checkpoint():
+        ck = {"params": {n: p.detach() for n, p in raw_model.named_parameters() if p.requires_grad},
+              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+              "config": json.dumps(cfg), "rng_cpu": torch.get_rng_state()}
+        if controller is not None:
+            ck["controller"] = controller.state_dict()
+        if dev_type == "cuda":
+            ck["rng_cuda"] = torch.cuda.get_rng_state()
+        atomic_save(ck, ckpt_path)
+
+    flops_per_token = 6 * n_train + 4 * n_frozen  # frozen matmuls: forward + input grads; trained: + weight grads
+    losses, t0, t_log, tokens_log, t_start = [], time.time(), time.time(), 0, time.time()
+    start_step = step
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        batch = epoch_batches(lengths, epoch, cfg["seed"], cfg["batch_size"])[i]
+        n_tgt = sum(sum(x != -100 for x in train_ex[j][1][1:]) for j in batch)  # target tokens, all processes
+        mine = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, total, cfg)
+        loss_sum = torch.zeros((), device=cfg["device"])
+        for k in range(accum):
+            x, y = collate(train_ex, mine[k * cfg["micro_batch_size"]:(k + 1) * cfg["micro_batch_size"]], cfg["device"])
+            if ddp:  # sync gradients only on the last micro-batch
+                model.require_backward_grad_sync = k == accum - 1
+            with ctx:
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+            # normalise by the target tokens of the whole global batch; DDP averages over processes, so x world
+            scaler.scale(loss * world / n_tgt).backward()
+            loss_sum += loss.detach()
+            tokens_log += sum(len(train_ex[j][0]) for j in mine[k * cfg["micro_batch_size"]:(k + 1) * cfg["micro_batch_size"]])
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if ddp:
+            dist.all_reduce(loss_sum)
+        losses.append(loss_sum.item() / n_tgt)
+
+        if controller is not None:
+            event = controller.step(step)
+            if event and master:
+                n_ranks = sum(len(m["pruned"]) for m in event["modules"].values())
+                print(f"step {step}: prune/expand at p={event['p']:.4f}: {n_ranks} ranks in "
+                      f"{len(event['modules'])} modules re-initialised from their sources")
+                with open(os.path.join(cfg["out_dir"], "beam_events.jsonl"), "a") as f:
+                    f.write(json.dumps(event) + "\n")
+        if master and cfg["score_log_interval"] and (step % cfg["score_log_interval"] == 0 or step == 1):
+            imp = {n: {k: v.tolist() for k, v in d.items()} for n, d in beamlora.rank_importance(raw_model).items()}
+            with open(os.path.join(cfg["out_dir"], "scores.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "modules": imp}) + "\n")
+        if master and (step % cfg["log_interval"] == 0 or step == total):
+            dtime = time.time() - t_log
+            tok_s = tokens_log * world / dtime
+            mfu = tok_s * flops_per_token / (cfg["peak_flops"] * world)
+            mem = torch.cuda.max_memory_allocated() / 2**30 if dev_type == "cuda" else peak_rss_gib()
+            eta = (time.time() - t0) / (step - start_step) * (total - step)
+            p_now = controller.threshold(step) if controller is not None else float("nan")
+            row = {"step": step, "loss": sum(losses[-cfg["log_interval"]:]) / len(losses[-cfg["log_interval"]:]),
+                   "lr": optimizer.param_groups[0]["lr"], "p": p_now, "tok_s": tok_s, "mfu": mfu, "mem_gib": mem}
+            print(f"step {step}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | p {p_now:.4f} | "
+                  f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | mem {mem:.2f} GiB | eta {eta / 60:.1f} min")
+            with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if cfg["wandb_log"]:
+                wandb.log(row)
+            t_log, tokens_log = time.time(), 0
+        if val_ex and cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and master:
+            print(f"step {step}: held-out loss {heldout_loss(raw_model, val_ex, cfg, ctx):.4f}")
+        if master and cfg["save_interval"] and step % cfg["save_interval"] == 0 and step < total:
+            save_checkpoint()
+        if cfg["stop_after"] and step - start_step >= cfg["stop_after"] and step < total:
+            if master:
+                save_checkpoint()
+                print(f"stopped after step {step} (--stop_after); --resume continues")
+            if ddp:
+                dist.barrier()
+                dist.destroy_process_group()
+            return {"losses": losses, "steps": step, "stopped": True}
+
+    if ddp:  # BeamLoRA decides without communicating: check once that every process holds the same weights
+        sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in params])
+        ref = sums.clone()
+        dist.broadcast(ref, 0)
+        if not torch.equal(sums, ref):
+            raise RuntimeError(f"process {rank}: trained parameters differ from process 0's")
+    result = {"losses": losses, "steps": total, "wall_s": time.time() - t_start,
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev_type == "cuda" else peak_rss_gib()}
+    if master:
+        save_checkpoint()
+        tok_file = tok.path
+        if cfg["method"] == "full":
+            raw_model.save_pretrained(os.path.join(cfg["out_dir"], "model"))
+            shutil.copy(tok_file, os.path.join(cfg["out_dir"], "model", "tokenizer.model"))
+        else:
+            beamlora.export_peft(raw_model, os.path.join(cfg["out_dir"], "adapter"), cfg["init_from"])
+            if cfg["save_merged"]:
+                beamlora.merge_lora(raw_model)
+                raw_model.save_pretrained(os.path.join(cfg["out_dir"], "merged"))
+                shutil.copy(tok_file, os.path.join(cfg["out_dir"], "merged", "tokenizer.model"))
+        if val_ex:
+            result["val_loss"] = heldout_loss(raw_model, val_ex, cfg, ctx)
+            print(f"held-out loss {result['val_loss']:.4f}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def peak_rss_gib():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def main(argv):
+    if not argv:  # no arguments: the offline demo
+        import demo
+        return demo.main()
+    train(parse_args(argv, DEFAULTS))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:  # bad input: one line, no traceback (BEAMLORA_DEBUG=1 shows it)
+        if os.environ.get("BEAMLORA_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
