@@ -45,7 +45,7 @@ MAX_NEW = {"gsm8k": 1024, "math": 2048, "humaneval": 512, "mbpp": 512, **{k: 32 
 TASKS = ["gsm8k", "math", *COMMONSENSE, "humaneval", "mbpp", "ppl"]
 
 
-class EvalError(Exception):  # bad input: reported as one line, no traceback, exit code 1
+class EvalError(ValueError):  # bad input: reported as one line, no traceback, exit code 1
     pass
 
 
@@ -443,7 +443,8 @@ def main(argv):
         if cfg["adapter"]:
             import beamlora
             beamlora.load_adapter(model, cfg["adapter"])
-            model.to(device)  # the adapter's fp32 tensors come in on the cpu
+            beamlora.merge_lora(model)  # W0 + scaling * B A, computed in fp32: generation at the base's speed
+            model.to(device)
         from tokenizer import Tokenizer
         tok = Tokenizer(cfg["model"])
     except (ValueError, OSError, KeyError) as e:  # model.CheckpointError is a ValueError
@@ -480,6 +481,7 @@ def main(argv):
     with open(os.path.join(cfg["out"], f"{task}_samples.jsonl"), "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}))
+    return summary
 
 
 if __name__ == "__main__":
