@@ -16,7 +16,11 @@ class ConfigError(ValueError):
 
 
 def coerce(key, value, default):
-    if default is None or isinstance(value, type(default)):
+    if default is None:
+        return value
+    if isinstance(value, bool) != isinstance(default, bool):  # bool is an int in Python: --r=True is a mistake
+        raise ConfigError(f"--{key}: expected {type(default).__name__}, got {value!r}")
+    if isinstance(value, type(default)):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
