@@ -401,10 +401,11 @@ def train(cfg):
             mfu = tok_s * flops_per_token / (cfg["peak_flops"] * world)
             mem = torch.cuda.max_memory_allocated() / 2**30 if dev_type == "cuda" else peak_rss_gib()
             eta = (time.time() - t0) / (step - start_step) * (total - step)
-            p_now = controller.threshold(step) if controller is not None else float("nan")
+            p_now = controller.threshold(step) if controller is not None else None  # None in log.jsonl: no beam
             row = {"step": step, "loss": sum(losses[-cfg["log_interval"]:]) / len(losses[-cfg["log_interval"]:]),
                    "lr": optimizer.param_groups[0]["lr"], "p": p_now, "tok_s": tok_s, "mfu": mfu, "mem_gib": mem}
-            print(f"step {step}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | p {p_now:.4f} | "
+            p_txt = f"p {p_now:.4f} | " if p_now is not None else ""
+            print(f"step {step}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {p_txt}"
                   f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | mem {mem:.2f} GiB | eta {eta / 60:.1f} min")
             with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
