@@ -54,10 +54,10 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        # scaling (and BeamLoRA's s) multiply the r-wide h rather than the out-wide B h: same result, cheaper
         s = self.rank_scale()
-        if s is not None:
-            h = h * s
-        return y + (self.scaling * F.linear(h, self.lora_B)).to(y.dtype)
+        h = h * (self.scaling if s is None else self.scaling * s)
+        return y + F.linear(h, self.lora_B).to(y.dtype)
 
     def folded_A(self):
         """A' = diag(s) A: the plain-LoRA A that gives this layer's output (section 1)."""
@@ -183,11 +183,14 @@ class BeamController:
     def step(self, t):
         """Do what the schedule says after optimizer step t. Returns the operation's event or None."""
         if self.snapshots(t):
+            self.snapshot = None  # free the old one first: a snapshot is as large as the adapters and their moments
             self.snapshot = self.take_snapshot()
             self.snapshot_step = t
         if not self.operates(t):
             return None
-        return self.operate(t)
+        event = self.operate(t)
+        self.snapshot = None  # used once; the next operation takes its own (and checkpoints stay small)
+        return event
 
     def moments(self, p):
         st = self.opt.state.get(p, {})

@@ -351,7 +351,7 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def run(self, input_ids, positions, mask, cache_start=0):
+    def run(self, input_ids, positions, mask, cache_start=0, last_only=False):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.model.layers:
@@ -359,6 +359,8 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_start, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache_start)
+        if last_only:  # generation needs the last position only: skip lm_head over the whole prompt
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
     # -------------------------------------------------------------------------
@@ -395,7 +397,7 @@ class Transformer(nn.Module):
             for _ in range(max_new_tokens):
                 q = slots[start:start + cur.shape[1]]
                 mask = make_mask(valid[:, :start + cur.shape[1]], q, slots[:start + cur.shape[1]], self.args.sliding_window)
-                logits = self.run(cur, positions[:, q], mask, cache_start=start)[:, -1].float()
+                logits = self.run(cur, positions[:, q], mask, cache_start=start, last_only=True)[:, -1].float()
                 nxt = sample(logits, temperature, top_p, gen)
                 done |= torch.isin(nxt, stop)
                 out = torch.cat([out, nxt[:, None]], dim=1)
@@ -427,7 +429,9 @@ class Transformer(nn.Module):
         with torch.device(device):
             model = cls(args, config)
         model.init_weights()
-        return model.to(dtype)
+        model = model.to(dtype)
+        model.inv_freq = rope_inv_freq(args).to(device)  # .to(bf16) rounded it: keep RoPE's frequencies fp32
+        return model
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir, device="cpu", dtype=torch.float32):

@@ -455,8 +455,15 @@ def train(cfg):
 
 
 def peak_rss_gib():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    # VmHWM is this process's own peak; ru_maxrss survives exec, so a child started by a large
+    # parent (bench/compare.py) would report the parent's peak
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB elsewhere
 
 
 def main(argv):

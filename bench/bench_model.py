@@ -7,7 +7,6 @@ and KV cache on vs off. Each load runs in a fresh process so peak RSS is its own
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,11 +35,18 @@ def make_checkpoint(path, shape):
     return sum(p.numel() * p.element_size() for p in hf.parameters())
 
 
+def peak_rss():
+    # VmHWM, this process's own peak: getrusage's ru_maxrss survives exec, so this child would
+    # read the peak of its parent (which built the checkpoint)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def load_child(which, path):
     """Run in a subprocess: load, report seconds and peak RSS above the state after imports."""
     import transformers  # noqa: F401  (imported by both, so the baseline is the same)
     import model  # noqa: F401
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     t = time.perf_counter()
     if which == "ours":
         from model import Transformer
@@ -51,7 +57,7 @@ def load_child(which, path):
     # touch every weight so lazily mapped pages count (a forward would do the same)
     s = sum(float(p.sum()) for p in m.parameters())
     dt = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    rss = peak_rss() - base
     print(json.dumps({"s": dt, "rss": rss, "chk": s}))
 
 

@@ -315,6 +315,13 @@ def test_schedule_snapshots_and_operations():
     assert all(e["p"] == 0.9 for e in events)
 
 
+def test_snapshot_held_only_until_its_operation():
+    # taken at 9 for the operation at 12, then freed (memory, checkpoint size); 15 for 18
+    assert train_run(stop_at=10)["ctl"]["snapshot"] is not None
+    assert train_run(stop_at=13)["ctl"]["snapshot"] is None
+    assert train_run(stop_at=16)["ctl"]["snapshot"] is not None
+
+
 def test_resume_takes_the_same_decisions():
     full_events, _, full_losses, full_state = train_run()
     mid = train_run(stop_at=14)  # after the snapshot at 9 and the operation at 12, before 15 / 18

@@ -204,6 +204,15 @@ ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch
               torch.int16, torch.int8, torch.uint8, torch.bool]
 
 
+
+def test_fresh_bf16_model_keeps_fp32_rope():
+    # inv_freq rounded to bf16 puts RoPE's phase ~0.7 rad off at position 4000
+    cfg = LlamaConfig(**TINY, num_key_value_heads=2).to_dict()
+    m = Transformer.from_config(cfg, dtype=torch.bfloat16)
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert m.inv_freq.dtype == torch.float32
+    assert torch.equal(m.inv_freq, Transformer.from_config(cfg).inv_freq)
+
 def sample_tensors():
     g = torch.Generator().manual_seed(0)
     out = {}
