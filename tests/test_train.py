@@ -136,6 +136,18 @@ def test_lora_and_full_methods(base, demo_data, tmp_path):
     assert not torch.equal(m.model.layers[0].mlp.up_proj.weight, Transformer.from_pretrained(base).model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_base_fp32_adapters(base, demo_data, tmp_path, dtype):
+    # the paper's precision: frozen base in bf16 (or fp16 with a grad scaler), adapters and scores fp32
+    res = train.train(cfg_for(base, demo_data, tmp_path, dtype=dtype, max_steps=8))
+    assert all(torch.isfinite(torch.tensor(res["losses"]))) and res["losses"][-1] < res["losses"][0]
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for k, v in ck["params"].items()), "adapters must stay fp32"
+    assert os.path.getsize(tmp_path / "beam_events.jsonl") > 0
+    adapter = load_safetensors(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in adapter.values())
+
+
 def test_gradient_checkpointing_trains_adapters(base):
     x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     grads = []
