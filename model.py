@@ -260,10 +260,9 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv, S, hd)
-        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves n_head / n_kv query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # grouped-query attention: each kv head serves n_head / n_kv query heads, without copying k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
