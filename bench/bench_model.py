@@ -78,6 +78,9 @@ def bench_generate(path, batch, new_tokens, prompt_len=(20, 60)):
     ids, mask = torch.zeros(batch, L, dtype=torch.long), torch.zeros(batch, L, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    ours.generate(prompts, 2, stop_ids=[])  # warm both up (first-touch allocations, thread pools)
+    with torch.no_grad():
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
     t = time.perf_counter()
     a = ours.generate(prompts, new_tokens, stop_ids=[])
     t_ours = time.perf_counter() - t
