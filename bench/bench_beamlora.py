@@ -13,7 +13,6 @@ Outputs match before anything is timed (ours vs PEFT with the same A and B). Eve
 median over `repeats` interleaved repeats after a warmup; ratios are the median of the per-repeat
 ratios, so the pairs being compared ran side by side. Prints a markdown table, writes out_json.
 """
-import json
 import math
 import os
 import statistics
@@ -25,6 +24,7 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import beamlora  # noqa: E402
 from configurator import ConfigError, parse_args  # noqa: E402
 
 DEFAULTS = dict(
@@ -85,7 +85,6 @@ def paired_ratio(a, b):
 # (a) one layer, forward + backward
 
 def make_layers(d_in, d_out, r, device):
-    import beamlora
     import peft
     alpha = 2.0 * r
 
@@ -190,7 +189,6 @@ def layer_table(rows):
 def adapter_set(cfg):
     """{name: LoRALinear} of the 7B shapes. The base weight is a zero-stride view of one scalar: the
     right shape for LoRALinear, 4 bytes of memory (the controller never reads it)."""
-    import beamlora
     torch.manual_seed(0)
     mods = {}
     for i in range(cfg["layers"]):
@@ -203,7 +201,6 @@ def adapter_set(cfg):
 
 
 def bench_operate(cfg):
-    import beamlora
     mods = adapter_set(cfg)
     params = [p for m in mods.values() for p in (m.lora_A, m.lora_B, m.lora_score)]
     n_params = sum(p.numel() for p in params)
@@ -269,8 +266,7 @@ def main(argv):
                   + operate_table(result["operate"]))
     print("\n\n".join(md))
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out_json"])), exist_ok=True)
-    with open(cfg["out_json"], "w") as f:
-        json.dump(result, f, indent=2)
+    beamlora.atomic_json(result, cfg["out_json"])
     print(f"\nwrote {cfg['out_json']}")
     return result
 

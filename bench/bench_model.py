@@ -35,18 +35,12 @@ def make_checkpoint(path, shape):
     return sum(p.numel() * p.element_size() for p in hf.parameters())
 
 
-def peak_rss():
-    # VmHWM, this process's own peak: getrusage's ru_maxrss survives exec, so this child would
-    # read the peak of its parent (which built the checkpoint)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def load_child(which, path):
     """Run in a subprocess: load, report seconds and peak RSS above the state after imports."""
     import transformers  # noqa: F401  (imported by both, so the baseline is the same)
     import model  # noqa: F401
-    base = peak_rss()
+    from train import peak_rss_gib  # VmHWM: ru_maxrss would carry the parent's peak (it built the checkpoint)
+    base = peak_rss_gib() * 2**30
     t = time.perf_counter()
     if which == "ours":
         from model import Transformer
@@ -57,7 +51,7 @@ def load_child(which, path):
     # touch every weight so lazily mapped pages count (a forward would do the same)
     s = sum(float(p.sum()) for p in m.parameters())
     dt = time.perf_counter() - t
-    rss = peak_rss() - base
+    rss = peak_rss_gib() * 2**30 - base
     print(json.dumps({"s": dt, "rss": rss, "chk": s}))
 
 

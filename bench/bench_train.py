@@ -26,7 +26,6 @@ CPU shapes). Three processes of ~1 minute each; needs ~25 GB of GPU memory.
 """
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import beamlora  # noqa: E402
 from configurator import ConfigError, parse_args  # noqa: E402
 
 DEFAULTS = dict(
@@ -113,7 +113,6 @@ class Run:
     """One configuration: model, train.py's optimizer, and for BeamLoRA its controller."""
 
     def __init__(self, name, spec, path):
-        import beamlora
         self.name, self.device, self.t, self.ops = name, spec["device"], 0, 0
         dtype = getattr(torch, spec["dtype"])
         targets = spec["targets"].split(",")
@@ -155,7 +154,6 @@ class Run:
         if self.hf:
             return {n.removeprefix("base_model.model."): (mod.lora_A["default"].weight, mod.lora_B["default"].weight)
                     for n, mod in self.model.named_modules() if hasattr(mod, "lora_A") and "default" in mod.lora_A}
-        import beamlora
         return {n: (mod.lora_A, mod.lora_B) for n, mod in beamlora.lora_modules(self.model).items()}
 
     def step(self, x, y, n_tgt):
@@ -201,13 +199,9 @@ def sync(device):
 
 
 def peak_rss():
-    """This process's peak RSS in bytes. VmHWM, not getrusage's ru_maxrss: a subprocess inherits its
-    parent's peak in ru_maxrss, so a child smaller than its parent would read the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    """This process's peak RSS in bytes (train.py's reading: VmHWM, not the ru_maxrss a child inherits)."""
+    import train
+    return train.peak_rss_gib() * 2**30
 
 
 def peak_mem(device, base):
@@ -307,7 +301,6 @@ def child(spec):
     warnings.filterwarnings("ignore", category=FutureWarning)
     import peft  # noqa: F401  (everything both sides import, so the baseline is the same)
     import transformers  # noqa: F401
-    import beamlora  # noqa: F401
     import model  # noqa: F401
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -404,8 +397,7 @@ def main(argv):
               f"BeamLoRA dt={cfg['dt']}:\n\n" + cpu_table(rows))
     print("\n" + md)
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-    with open(out_json, "w") as f:
-        json.dump(result, f, indent=2)
+    beamlora.atomic_json(result, out_json)
     print(f"\nwrote {out_json}")
     return result
 
