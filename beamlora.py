@@ -1,13 +1,15 @@
 """
-BeamLoRA: LoRA whose ranks are scored, and every dt steps the weakest ranks are pruned and
-refilled with copies of the strongest (arXiv 2502.13604). The algorithm, step by step, is in
-docs/BEAMLORA.md; the section numbers below refer to it.
+The LoRA layer every method here shares, and BeamLoRA on it: LoRA whose ranks are scored, and every
+dt steps the weakest ranks are pruned and refilled with copies of the strongest (arXiv 2502.13604).
+The algorithm, step by step, is in docs/BEAMLORA.md; the section numbers below refer to it.
 
-    LoRALinear      the layer (section 1): y = W0 x + scaling * B(s * (A dropout(x))), s = r softmax(g / tau)
+    LoRALinear      the layer: y = W0 x + scaling * B(s * (A dropout(x))), with seams for the other methods
+    Score           BeamLoRA's gate, s = r softmax(g / tau) (section 1); add_scores puts one on each module
     apply_lora      wrap a model's target linears by name
     select_ranks    dynamic top-p: which ranks of which module to prune (section 3)
     BeamController  the schedule (section 2), prune/expand (section 4), the ablations (section 5)
-    export_peft     scores folded into A, saved as a PEFT LoRA adapter; merge_lora; load_adapter
+    export_peft     s folded into A, saved as a PEFT LoRA adapter (rank_pattern where ranks differ);
+                    merge_lora; load_adapter
 """
 import json
 import math
@@ -24,9 +26,17 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a low-rank update; with beam=True the ranks carry scores."""
+    """A frozen nn.Linear plus a low-rank update: y = W0 x + scaling * B (s * (A dropout(x))).
 
-    def __init__(self, base, r, alpha, dropout=0.0, beam=False, tau=0.05, dtype=torch.float32):
+    The other methods of the comparison fill in three seams of this one layer, each in its own file:
+      gate                   a small module whose forward() gives the per-rank scale s (r,) between B and A:
+                             BeamLoRA's Score below, LR-LoRA's rank mask, AdaLoRA's singular values; None: s = 1
+      lora_A, lora_B, W0     an initialisation may rewrite them after construction (PiSSA, MiLoRA)
+      lora_magnitude_vector  DoRA's magnitude, which rescales the whole output (None: plain LoRA)
+    Export and merge only need folded_A(): whatever s there is goes into A.
+    """
+
+    def __init__(self, base, r, alpha, dropout=0.0, rslora=False, dtype=torch.float32):
         super().__init__()
         # take over the base's own tensors so the key stays "...q_proj.weight" as in the checkpoint
         self.weight, self.bias = base.weight, base.bias
@@ -34,27 +44,27 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.scaling, self.tau = r, alpha, alpha / r, tau
+        # rsLoRA (Kalajdzievski 2023): alpha / sqrt(r) keeps the update's scale stable as r grows
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout_p = dropout
         dev = self.weight.device
         # PEFT's shapes and init: A (r, in) kaiming-uniform(a=sqrt 5), B (out, r) zeros, so W starts at W0
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        # score logits g (r,): zeros, so s = 1 for every rank and the layer is plain LoRA at step 0
-        self.lora_score = nn.Parameter(torch.zeros(r, dtype=dtype, device=dev)) if beam else None
+        self.gate = None
+        self.lora_magnitude_vector = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def rank_scale(self):
-        """s = r * softmax(g / tau): (r,), sums to r; None for plain LoRA."""
-        if self.lora_score is None:
-            return None
-        return self.r * torch.softmax(self.lora_score.float() / self.tau, dim=0).to(self.lora_score.dtype)
+        """The per-rank scale s (r,) of the gate, or None for plain LoRA."""
+        return None if self.gate is None else self.gate()
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
-        # scaling (and BeamLoRA's s) multiply the r-wide h rather than the out-wide B h: same result, cheaper
+        # scaling (and the gate's s) multiply the r-wide h rather than the out-wide B h: same result, cheaper
         s = self.rank_scale()
         h = h * (self.scaling if s is None else self.scaling * s)
         return y + F.linear(h, self.lora_B).to(y.dtype)
@@ -65,15 +75,30 @@ class LoRALinear(nn.Module):
         return self.lora_A if s is None else self.lora_A * s[:, None]
 
     def extra_repr(self):
-        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
-                f"beam={self.lora_score is not None}, tau={self.tau}")
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, rslora={self.rslora}"
+
+
+class Score(nn.Module):
+    """BeamLoRA's gate (section 1): s = r * softmax(g / tau), sums to r. g starts at zero, so s = 1 for
+    every rank and the layer is plain LoRA at step 0; the softmax runs in fp32."""
+
+    def __init__(self, r, tau, dtype=torch.float32, device=None):
+        super().__init__()
+        self.tau = tau
+        self.g = nn.Parameter(torch.zeros(r, dtype=dtype, device=device))
+
+    def forward(self):
+        return len(self.g) * torch.softmax(self.g.float() / self.tau, dim=0).to(self.g.dtype)
+
+    def extra_repr(self):
+        return f"r={len(self.g)}, tau={self.tau}"
 
 
 def linear_names(model):
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))})
 
 
-def apply_lora(model, targets, r, alpha, dropout=0.0, beam=False, tau=0.05, dtype=torch.float32):
+def apply_lora(model, targets, r, alpha, dropout=0.0, rslora=False, dtype=torch.float32):
     """Freeze the model and wrap every linear whose last name is in targets. Returns {name: LoRALinear}."""
     targets = list(targets)
     known = linear_names(model)
@@ -88,11 +113,18 @@ def apply_lora(model, targets, r, alpha, dropout=0.0, beam=False, tau=0.05, dtyp
             if not 0 < r <= min(mod.in_features, mod.out_features):
                 raise ValueError(f"r={r} does not fit {name} ({mod.in_features} -> {mod.out_features}): "
                                  f"it must be between 1 and {min(mod.in_features, mod.out_features)}")
-            wrapped[name] = LoRALinear(mod, r, alpha, dropout, beam, tau, dtype)
+            wrapped[name] = LoRALinear(mod, r, alpha, dropout, rslora, dtype)
     for name, lora in wrapped.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, lora)
     return wrapped
+
+
+def add_scores(modules, tau):
+    """Make LoRA modules BeamLoRA modules: a Score gate (fp32, like the adapters) on each."""
+    for m in modules.values():
+        m.gate = Score(m.r, tau, dtype=m.lora_A.dtype, device=m.lora_A.device)
+    return modules
 
 
 def lora_modules(model):
@@ -150,21 +182,24 @@ class BeamController:
     without communicating."""
 
     def __init__(self, modules, optimizer, dt, p_init, end_step, total_steps, scope="global",
-                 no_expand=False, random_assess=False, static_p=False, no_history=False, seed=0):
+                 no_expand=False, random_assess=False, static_p=False, no_history=False, inherit_moments="history",
+                 seed=0):
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             raise ValueError(f"BeamLoRA rewrites AdamW's exp_avg/exp_avg_sq; {type(optimizer).__name__} has none")
-        if not modules or any(m.lora_score is None for m in modules.values()):
-            raise ValueError("BeamController needs LoRALinear modules made with beam=True")
+        if not modules or any(not isinstance(m.gate, Score) for m in modules.values()):
+            raise ValueError("BeamController needs LoRALinear modules with a Score gate (add_scores)")
         if dt < 2:
             raise ValueError(f"dt={dt}: the interval must be at least 2 (a snapshot half way between operations)")
         if not 0 < p_init < 1:
             raise ValueError(f"p_init={p_init}: must be in (0, 1)")
         if scope not in ("global", "module"):
             raise ValueError(f"scope={scope!r}: must be 'global' or 'module'")
+        if inherit_moments not in ("history", "keep"):
+            raise ValueError(f"inherit_moments={inherit_moments!r}: must be 'history' or 'keep'")
         self.modules, self.opt = dict(modules), optimizer
         self.dt, self.p_init, self.end_step, self.total = dt, p_init, end_step, total_steps
         self.scope, self.no_expand, self.random_assess = scope, no_expand, random_assess
-        self.static_p, self.no_history = static_p, no_history
+        self.static_p, self.no_history, self.inherit_moments = static_p, no_history, inherit_moments
         self.gen = torch.Generator().manual_seed(seed)  # pairings and random assessment; on the cpu
         self.snapshot = None  # {name: {"A", "B", "A_m1", "A_m2", "B_m1", "B_m2"}}
         self.snapshot_step = None
@@ -218,7 +253,7 @@ class BeamController:
         hist = self.take_snapshot() if self.no_history else self.snapshot
         if hist is None:
             raise ValueError(f"step {t}: no snapshot to copy from (a snapshot is taken at t % dt == dt/2)")
-        event = {"step": t, "p": p, "modules": {}}
+        event = {"step": t, "kind": "prune_expand", "p": p, "modules": {}}
         for name, m in self.modules.items():  # fixed order: the generator draws the same on every process
             k = ks[name]
             if k == 0:
@@ -234,11 +269,23 @@ class BeamController:
             event["modules"][name] = {"pruned": pruned.tolist(), "sources": sources.tolist(),
                                       "scores": scores[name].tolist()}
             self.prune_expand(m, pruned.to(m.lora_A.device), sources.to(m.lora_A.device), hist[name])
+        if self.inherit_moments == "keep":  # the authors' code zeroes the score moments of every module
+            for m in self.modules.values():
+                for x in self.moments(m.gate.g):
+                    x.zero_()
+        n = sum(len(d["pruned"]) for d in event["modules"].values())
+        event["note"] = f"prune/expand at p={p:.4f}: {n} ranks in {len(event['modules'])} modules re-initialised from their sources"
         return event
 
+    def log(self, t):
+        return {"p": self.threshold(t)}
+
     def prune_expand(self, m, P, E, h):
-        """Section 4 on one module: rank P[j] becomes the historical copy of rank E[j]."""
-        A, B, g = m.lora_A, m.lora_B, m.lora_score
+        """Section 4 on one module: rank P[j] becomes the historical copy of rank E[j].
+        inherit_moments="keep" does what the authors' code executes rather than what the paper says:
+        their `state["exp_avg"][mask, :].copy_(...)` writes into the copy that boolean indexing makes,
+        so the pruned ranks keep their own AdamW moments (docs/BEAMLORA.md, section 4)."""
+        A, B, g = m.lora_A, m.lora_B, m.gate.g
         a1, a2 = self.moments(A)
         b1, b2 = self.moments(B)
         if self.no_expand:  # ablation: the pruned ranks are zeroed (and stay dead: their gradients are 0)
@@ -247,8 +294,10 @@ class BeamController:
             for x in (B, b1, b2):
                 x[:, P] = 0
             return
-        A[P], a1[P], a2[P] = h["A"][E], h["A_m1"][E], h["A_m2"][E]
-        B[:, P], b1[:, P], b2[:, P] = h["B"][:, E], h["B_m1"][:, E], h["B_m2"][:, E]
+        A[P], B[:, P] = h["A"][E], h["B"][:, E]
+        if self.inherit_moments == "history":
+            a1[P], a2[P] = h["A_m1"][E], h["A_m2"][E]
+            b1[:, P], b2[:, P] = h["B_m1"][:, E], h["B_m2"][:, E]
         avg = (g[P] + g[E]) / 2  # the copy and its source start from equal scores
         g[P], g[E] = avg, avg
         for x in self.moments(g):  # the score distribution changed: its momentum is stale
@@ -257,7 +306,7 @@ class BeamController:
     def state_dict(self):
         return {"gen": self.gen.get_state(), "snapshot": self.snapshot, "snapshot_step": self.snapshot_step,
                 "config": {"dt": self.dt, "p_init": self.p_init, "end_step": self.end_step, "total": self.total,
-                           "scope": self.scope}}
+                           "scope": self.scope, "inherit_moments": self.inherit_moments}}
 
     def load_state_dict(self, state):
         mine = self.state_dict()["config"]
@@ -298,22 +347,55 @@ def atomic_json(obj, path):
     os.replace(tmp, path)
 
 
+def peft_scaling(alpha, r, rslora):
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 @torch.no_grad()
-def export_peft(model, out_dir, base_model_name_or_path=None):
-    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) with s folded into A."""
+def peft_factors(m, rank=None):
+    """(A (k, in), B (out, k)) fp32: the plain LoRA this layer equals under PEFT's scaling for rank k.
+    The gate's s is folded into A; ranks whose s is exactly 0 (pruned by LR-LoRA, AdaLoRA, ...) are
+    dropped; `rank` pads with zero ranks to that uniform rank instead. PEFT scales by alpha / k, so
+    A also carries our scaling / PEFT's whenever k differs from the layer's r."""
+    A, B = m.folded_A().float(), m.lora_B.float()
+    s = m.rank_scale()
+    if s is not None and bool((s == 0).any()):
+        keep = (s != 0).nonzero().flatten()
+        A, B = A[keep], B[:, keep]
+    k = max(1, len(A)) if rank is None else rank
+    if k < len(A):
+        raise ValueError(f"rank={rank}: the adapter has a module with {len(A)} ranks")
+    if k > len(A):  # zero ranks add nothing: a module that kept none still has the shape PEFT expects
+        A = torch.cat([A, A.new_zeros(k - len(A), A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], k - B.shape[1])], dim=1)
+    if k != m.r:
+        A = A * (m.scaling / peft_scaling(m.alpha, k, m.rslora))
+    return A.cpu().contiguous(), B.cpu().contiguous()
+
+
+@torch.no_grad()
+def export_peft(model, out_dir, base_model_name_or_path=None, uniform_rank=0):
+    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors), s folded into A. Modules
+    that end with different ranks get PEFT's rank_pattern; uniform_rank > 0 pads every module to that
+    rank with zero ranks instead (for servers that need one rank, e.g. vLLM)."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA modules to export")
     first = next(iter(mods.values()))
+    if len({(m.alpha, m.rslora, m.dropout_p) for m in mods.values()}) > 1:
+        raise ValueError("export_peft: the LoRA modules differ in alpha, rslora or dropout")
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {}
+    tensors, ranks = {}, {}
     for name, m in mods.items():
-        tensors[peft_key(name, "lora_A")] = m.folded_A().detach().float().cpu().contiguous()
-        tensors[peft_key(name, "lora_B")] = m.lora_B.detach().float().cpu().contiguous()
+        A, B = peft_factors(m, uniform_rank or None)
+        tensors[peft_key(name, "lora_A")], tensors[peft_key(name, "lora_B")] = A, B
+        ranks[name] = len(A)
     save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
+    r = max(ranks.values())
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": first.alpha,
+              "rank_pattern": {n: k for n, k in ranks.items() if k != r},
               "lora_dropout": first.dropout_p, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": first.rslora, "use_dora": False,
               "inference_mode": True, "modules_to_save": None,
               "base_model_name_or_path": str(base_model_name_or_path) if base_model_name_or_path else None}
     atomic_json(config, os.path.join(out_dir, "adapter_config.json"))
@@ -333,6 +415,14 @@ def merge_lora(model):
     return model
 
 
+def pattern_value(pattern, name, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 def load_adapter(model, adapter_dir, dtype=torch.float32):
     """Load a PEFT-format LoRA adapter (ours or any from elsewhere) onto our model, unmerged."""
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
@@ -346,11 +436,15 @@ def load_adapter(model, adapter_dir, dtype=torch.float32):
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (no DoRA, rank or alpha patterns)")
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: not a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+        raise ValueError(f"{cfg_path}: only LoRA adapters are supported (peft_type LORA, no DoRA)")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
+            raise ValueError(f"{cfg_path}: {key!r} must be a positive number, got {cfg.get(key)!r}")
     tensors = load_safetensors(st_path)
     # keys: base_model.model.<module>.lora_A.weight (PEFT may also write ".default" before ".weight")
     pat = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
@@ -361,19 +455,20 @@ def load_adapter(model, adapter_dir, dtype=torch.float32):
             raise ValueError(f"{st_path}: unexpected tensor {key} (only lora_A / lora_B weights are supported)")
         found.setdefault(mt.group(1), {})[mt.group(2)] = t
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    shapes = {}
     for name, ab in found.items():
         if name not in linears or set(ab) != {"lora_A", "lora_B"}:
             raise ValueError(f"{st_path}: {name} is not a linear of this model or lacks lora_A/lora_B")
-        base = linears[name]
+        base, r = linears[name], int(pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
         if ab["lora_A"].shape != (r, base.in_features) or ab["lora_B"].shape != (base.out_features, r):
             raise ValueError(f"{st_path}: {name} has shapes {tuple(ab['lora_A'].shape)}, {tuple(ab['lora_B'].shape)}; "
                              f"expected ({r}, {base.in_features}), ({base.out_features}, {r})")
+        shapes[name] = r
     for p in model.parameters():
         p.requires_grad_(False)
     for name, ab in found.items():
-        m = LoRALinear(linears[name], r, alpha, dtype=dtype)
-        if cfg.get("use_rslora"):
-            m.scaling = alpha / math.sqrt(r)
+        alpha = float(pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
+        m = LoRALinear(linears[name], shapes[name], alpha, rslora=bool(cfg.get("use_rslora")), dtype=dtype)
         m.lora_A.data.copy_(ab["lora_A"])
         m.lora_B.data.copy_(ab["lora_B"])
         m.lora_A.requires_grad_(False)

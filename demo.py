@@ -7,7 +7,7 @@ The offline first run: `python train.py` with no arguments lands here. No downlo
        saved as an HF checkpoint (out/demo/base/model/: config.json, model.safetensors,
        tokenizer.model); built once, reused by later runs
     3. BeamLoRA fine-tunes it on the word problems (train.py, method beamlora), with prune/expand
-       operations during the run (out/demo/beamlora/beam_events.jsonl)
+       operations during the run (out/demo/beamlora/events.jsonl)
     4. eval.py's GSM8K scorer on the held-out problems, base vs fine-tuned
 
     python demo.py --method=lora --finetune_steps=300      # the same with other settings
@@ -103,7 +103,7 @@ def build_base(data, cfg):
 def finetune(base, data, cfg):
     import train
     out = os.path.join(cfg["out_dir"], cfg["method"])
-    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time: beam_events.jsonl and logs start empty
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time: events.jsonl and logs start empty
     steps = cfg["finetune_steps"]
     print(f"fine-tuning: {cfg['method']}, r={cfg['r']}, {steps} steps of {cfg['batch_size']} problems")
     return train.train(dict(
@@ -130,15 +130,15 @@ def run(cfg):
     t1 = time.time()
     result, out = finetune(base, data, cfg)
     events = []
-    if os.path.isfile(os.path.join(out, "beam_events.jsonl")):
-        with open(os.path.join(out, "beam_events.jsonl")) as f:
+    if os.path.isfile(os.path.join(out, "events.jsonl")):
+        with open(os.path.join(out, "events.jsonl")) as f:
             events = [json.loads(line) for line in f]
     t2 = time.time()
     before = accuracy(base, "", data, os.path.join(out, "eval_base"), cfg)
     after = accuracy(base, os.path.join(out, "adapter"), data, os.path.join(out, "eval"), cfg)
     n_ranks = sum(len(m["pruned"]) for e in events for m in e["modules"].values())
     print(f"\n{cfg['method']}: {len(events)} prune/expand operations ({n_ranks} ranks re-initialised), "
-          f"see {out}/beam_events.jsonl" if cfg["method"] == "beamlora" else "")
+          f"see {out}/events.jsonl" if cfg["method"] == "beamlora" else "")
     print(f"| model (held-out problems: {after['n']}) | accuracy | invalid answers |")
     print("|---|---|---|")
     print(f"| base (pretrained only) | {100 * before['accuracy']:.1f}% | {100 * before['invalid_rate']:.1f}% |")

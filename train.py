@@ -7,9 +7,17 @@ one GPU, or many under torchrun (DDP).
     torchrun --nproc_per_node=8 train.py config/llama2_7b_metamath_beamlora.py
     python train.py config/llama2_7b_metamath_beamlora.py --resume    # continue from out_dir/ckpt.pt
 
-Writes to out_dir: ckpt.pt (every save_interval steps and at the end), beam_events.jsonl (one
-line per prune/expand), log.jsonl, adapter/ (PEFT format, scores folded in), and on request
-merged/ (a full HF checkpoint). Method full writes model/ instead of adapter/.
+Writes to out_dir: ckpt.pt (every save_interval steps and at the end), events.jsonl (one line
+per event of the method: BeamLoRA's prune/expand, ...), log.jsonl, adapter/ (PEFT format, scores
+folded in), and on request merged/ (a full HF checkpoint). Method full writes model/ instead of adapter/.
+
+A method is the LoRA layer of beamlora.py with its seams filled in (wrap, below) and, if it acts
+between optimizer steps, a controller (make_controller) that the loop drives through a few hooks:
+    step(t)           after optimizer step t, gradients still in place -> an event dict or None
+    state_dict(), load_state_dict(d)   its state, in ckpt.pt
+    log(t)            (optional) extra fields for the log line
+    penalty()         (optional) a scalar added to the loss once per optimizer step
+    lr_factor(t)      (optional) a factor on the schedule's learning rate
 """
 import hashlib
 import json
@@ -43,6 +51,8 @@ targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 r = 64
 alpha = 128.0  # the paper's runs: alpha = 2r
 dropout = 0.05
+rslora = False  # scaling alpha / sqrt(r) instead of alpha / r (rsLoRA), for any LoRA-family method
+export_rank = 0  # > 0: pad every module of the exported adapter to this rank (servers that need one rank)
 tau = 0.05  # temperature of the rank scores (the authors use 0.03 when lr < 1e-4)
 dt = 0  # steps between prune/expand operations (0: total_steps // 12, rounded to even)
 p_init = 0.95  # initial top-p threshold (paper: 0.95 for r = 64, 0.96 for r = 32)
@@ -52,6 +62,8 @@ no_expand = False  # ablations, BEAMLORA.md section 5
 random_assess = False
 static_p = False
 no_history = False
+inherit_moments = "history"  # history: pruned ranks get the sources' historical AdamW moments (the paper's text);
+# keep: they keep their own, what the authors' code executes (docs/BEAMLORA.md, section 4)
 epochs = 3
 max_steps = 0  # 0: epochs over the data
 batch_size = 32  # global batch, in examples, over all processes and accumulation steps
@@ -227,6 +239,7 @@ def heldout_loss(model, examples, cfg, ctx):
 
 def check_config(cfg):
     choices = {"method": ("full", "lora", "beamlora"), "scope": ("global", "module"), "schedule": ("cosine", "linear"),
+               "inherit_moments": ("history", "keep"),
                "dtype": ("float32", "bfloat16", "float16"), "data_format": ("metamathqa", "alpaca", "gsm8k", "chat")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
@@ -242,6 +255,28 @@ def check_config(cfg):
     for key in ("data", "val_data"):  # before the (slow) model load: bad input fails fast
         if cfg[key] and (not os.path.isfile(cfg[key]) or os.path.getsize(cfg[key]) == 0):
             raise ConfigError(f"{cfg[key]}: data file missing or empty")
+
+
+def wrap(model, cfg):
+    """The method's layers: LoRA on the target linears, then what the method adds to each. -> {name: module}"""
+    if cfg["method"] == "full":
+        return {}
+    mods = beamlora.apply_lora(model, cfg["targets"].split(","), r=cfg["r"], alpha=cfg["alpha"],
+                               dropout=cfg["dropout"], rslora=cfg["rslora"], dtype=torch.float32)
+    if cfg["method"] == "beamlora":
+        beamlora.add_scores(mods, cfg["tau"])
+    return mods
+
+
+def make_controller(mods, optimizer, cfg, total):
+    """What the method does between optimizer steps (see the hooks at the top), or None."""
+    if cfg["method"] == "beamlora":
+        return beamlora.BeamController(
+            mods, optimizer, dt=cfg["dt"] or max(2, (total // 12) // 2 * 2), p_init=cfg["p_init"],
+            end_step=cfg["end_step"] or (2 * total) // 3, total_steps=total, scope=cfg["scope"],
+            no_expand=cfg["no_expand"], random_assess=cfg["random_assess"], static_p=cfg["static_p"],
+            no_history=cfg["no_history"], inherit_moments=cfg["inherit_moments"], seed=cfg["seed"])
+    return None
 
 
 def train(cfg):
@@ -276,9 +311,7 @@ def train(cfg):
     tok = Tokenizer(cfg["tokenizer"] or cfg["init_from"])
     train_ex = tokenize_file(cfg["data"], tok, cfg)
     val_ex = tokenize_file(cfg["val_data"], tok, cfg) if cfg["val_data"] else []
-    if cfg["method"] != "full":
-        beamlora.apply_lora(model, cfg["targets"].split(","), r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"],
-                            beam=cfg["method"] == "beamlora", tau=cfg["tau"], dtype=torch.float32)
+    mods = wrap(model, cfg)
     model.gradient_checkpointing = cfg["gradient_checkpointing"]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -299,14 +332,10 @@ def train(cfg):
     if steps_per_epoch == 0:
         raise ConfigError(f"{cfg['data']}: {len(train_ex)} examples, fewer than one global batch of {cfg['batch_size']}")
     total = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
-    controller = None
-    if cfg["method"] == "beamlora":
-        dt_ = cfg["dt"] or max(2, (total // 12) // 2 * 2)
-        controller = beamlora.BeamController(
-            beamlora.lora_modules(model), optimizer, dt=dt_, p_init=cfg["p_init"],
-            end_step=cfg["end_step"] or (2 * total) // 3, total_steps=total, scope=cfg["scope"],
-            no_expand=cfg["no_expand"], random_assess=cfg["random_assess"], static_p=cfg["static_p"],
-            no_history=cfg["no_history"], seed=cfg["seed"])
+    controller = make_controller(mods, optimizer, cfg, total)
+    penalty = getattr(controller, "penalty", None)
+    lr_factor = getattr(controller, "lr_factor", lambda t: 1.0)
+    log_extra = getattr(controller, "log", lambda t: {})
 
     step, ckpt_path = 0, os.path.join(cfg["out_dir"], "ckpt.pt")
     if cfg["resume"]:
@@ -338,7 +367,7 @@ def train(cfg):
     if master:
         print(f"{cfg['method']}: {n_train:,} trained / {n_frozen:,} frozen params, {len(train_ex)} examples, "
               f"{total} steps of {cfg['batch_size']} ({accum} micro-batches of {cfg['micro_batch_size']} x {world} "
-              f"processes)" + (f", dt={controller.dt}" if controller else ""))
+              f"processes)" + (f", dt={controller.dt}" if hasattr(controller, "dt") else ""))
 
     def save_checkpoint():
         ck = {"params": {n: p.detach() for n, p in raw_model.named_parameters() if p.requires_grad},
@@ -359,7 +388,7 @@ def train(cfg):
         n_tgt = sum(sum(x != -100 for x in train_ex[j][1][1:]) for j in batch)  # target tokens, all processes
         mine = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, total, cfg)
+            g["lr"] = lr_at(step, total, cfg) * lr_factor(step)
         loss_sum = torch.zeros((), device=cfg["device"])
         for k in range(accum):
             x, y = collate(train_ex, mine[k * cfg["micro_batch_size"]:(k + 1) * cfg["micro_batch_size"]], cfg["device"])
@@ -369,7 +398,10 @@ def train(cfg):
                 logits = model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
             # normalise by the target tokens of the whole global batch; DDP averages over processes, so x world
-            scaler.scale(loss * world / n_tgt).backward()
+            obj = loss * world / n_tgt
+            if penalty is not None and k == 0:  # the method's own term, once per step (the same on every process)
+                obj = obj + penalty()
+            scaler.scale(obj).backward()
             loss_sum += loss.detach()
             tokens_log += sum(len(train_ex[j][0]) for j in mine[k * cfg["micro_batch_size"]:(k + 1) * cfg["micro_batch_size"]])
         if cfg["grad_clip"] > 0:
@@ -377,20 +409,17 @@ def train(cfg):
             torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
+        event = controller.step(step) if controller is not None else None  # before zero_grad: some methods read grads
+        optimizer.zero_grad(set_to_none=True)
         if ddp:
             dist.all_reduce(loss_sum)
         losses.append(loss_sum.item() / n_tgt)
 
-        if controller is not None:
-            event = controller.step(step)
-            if event and master:
-                n_ranks = sum(len(m["pruned"]) for m in event["modules"].values())
-                print(f"step {step}: prune/expand at p={event['p']:.4f}: {n_ranks} ranks in "
-                      f"{len(event['modules'])} modules re-initialised from their sources")
-                with open(os.path.join(cfg["out_dir"], "beam_events.jsonl"), "a") as f:
-                    f.write(json.dumps(event) + "\n")
+        if event and master:
+            print(f"step {step}: {event.get('note', event.get('kind', 'event'))}")
+            with open(os.path.join(cfg["out_dir"], "events.jsonl"), "a") as f:
+                f.write(json.dumps(event) + "\n")
         if master and cfg["score_log_interval"] and (step % cfg["score_log_interval"] == 0 or step == 1):
             imp = {n: {k: v.tolist() for k, v in d.items()} for n, d in beamlora.rank_importance(raw_model).items()}
             with open(os.path.join(cfg["out_dir"], "scores.jsonl"), "a") as f:
@@ -401,11 +430,11 @@ def train(cfg):
             mfu = tok_s * flops_per_token / (cfg["peak_flops"] * world)
             mem = torch.cuda.max_memory_allocated() / 2**30 if dev_type == "cuda" else peak_rss_gib()
             eta = (time.time() - t0) / (step - start_step) * (total - step)
-            p_now = controller.threshold(step) if controller is not None else None  # None in log.jsonl: no beam
+            extra = log_extra(step)  # the method's own fields (BeamLoRA: p)
             row = {"step": step, "loss": sum(losses[-cfg["log_interval"]:]) / len(losses[-cfg["log_interval"]:]),
-                   "lr": optimizer.param_groups[0]["lr"], "p": p_now, "tok_s": tok_s, "mfu": mfu, "mem_gib": mem}
-            p_txt = f"p {p_now:.4f} | " if p_now is not None else ""
-            print(f"step {step}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {p_txt}"
+                   "lr": optimizer.param_groups[0]["lr"], **extra, "tok_s": tok_s, "mfu": mfu, "mem_gib": mem}
+            extra_txt = "".join(f"{k} {v:.4g} | " if isinstance(v, float) else f"{k} {v} | " for k, v in extra.items())
+            print(f"step {step}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {extra_txt}"
                   f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | mem {mem:.2f} GiB | eta {eta / 60:.1f} min")
             with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -440,7 +469,7 @@ def train(cfg):
             raw_model.save_pretrained(os.path.join(cfg["out_dir"], "model"))
             shutil.copy(tok_file, os.path.join(cfg["out_dir"], "model", "tokenizer.model"))
         else:
-            beamlora.export_peft(raw_model, os.path.join(cfg["out_dir"], "adapter"), cfg["init_from"])
+            beamlora.export_peft(raw_model, os.path.join(cfg["out_dir"], "adapter"), cfg["init_from"], cfg["export_rank"])
             if cfg["save_merged"]:
                 beamlora.merge_lora(raw_model)
                 raw_model.save_pretrained(os.path.join(cfg["out_dir"], "merged"))

@@ -92,8 +92,8 @@ def make_layers(d_in, d_out, r, device):
         torch.manual_seed(1)  # the same W0 in all three
         return nn.Linear(d_in, d_out, bias=False, device=device)
 
-    beam = beamlora.LoRALinear(base(), r, alpha, beam=True)
-    lora = beamlora.LoRALinear(base(), r, alpha, beam=False)
+    beam = beamlora.add_scores({"m": beamlora.LoRALinear(base(), r, alpha)}, tau=0.05)["m"]
+    lora = beamlora.LoRALinear(base(), r, alpha)
     holder = nn.Sequential()
     holder.add_module("lin", base())
     peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["lin"]))
@@ -137,7 +137,7 @@ def check_same(layers, x, gy):
     close(run(lora, lora.lora_A, lora.lora_B), want, "our LoRA")
     close(run(beam, beam.lora_A, beam.lora_B), want, "BeamLoRA, s = 1")
     with torch.no_grad():
-        beam.lora_score.normal_(std=0.05)
+        beam.gate.g.normal_(std=0.05)
         saved = pA.detach().clone()
         pA.copy_(beam.folded_A())
     y_peft = ref(x).detach()
@@ -145,7 +145,7 @@ def check_same(layers, x, gy):
     err = (y_beam - y_peft).abs().max().item()
     assert err <= 1e-4 * y_peft.abs().max().item(), f"BeamLoRA with scores vs PEFT with diag(s) A: {err:.2e}"
     with torch.no_grad():
-        beam.lora_score.zero_()
+        beam.gate.g.zero_()
         pA.copy_(saved)
     x.grad = None
     for m in layers.values():
@@ -196,13 +196,13 @@ def adapter_set(cfg):
             base = nn.Linear(d_in, d_out, bias=False, device="meta")
             base.weight = nn.Parameter(torch.zeros((), device=cfg["device"]).expand(d_out, d_in), requires_grad=False)
             parent = "self_attn" if lin.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            mods[f"model.layers.{i}.{parent}.{lin}"] = beamlora.LoRALinear(base, cfg["r_7b"], 2.0 * cfg["r_7b"], beam=True)
-    return mods
+            mods[f"model.layers.{i}.{parent}.{lin}"] = beamlora.LoRALinear(base, cfg["r_7b"], 2.0 * cfg["r_7b"])
+    return beamlora.add_scores(mods, tau=0.05)
 
 
 def bench_operate(cfg):
     mods = adapter_set(cfg)
-    params = [p for m in mods.values() for p in (m.lora_A, m.lora_B, m.lora_score)]
+    params = [p for m in mods.values() for p in (m.lora_A, m.lora_B, m.gate.g)]
     n_params = sum(p.numel() for p in params)
     # train.py's optimizer; one step on random gradients fills exp_avg / exp_avg_sq
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.0},
@@ -214,9 +214,9 @@ def bench_operate(cfg):
     opt.zero_grad(set_to_none=True)
     with torch.no_grad():  # spread-out scores: s = r softmax(g / tau) with g / tau ~ N(0, 1)
         for m in mods.values():
-            m.lora_score.normal_(std=m.tau)
+            m.gate.g.normal_(std=m.gate.tau)
             m.lora_B.normal_(std=0.01)
-    scores = [m.lora_score.detach().clone() for m in mods.values()]
+    scores = [m.gate.g.detach().clone() for m in mods.values()]
     total, dt = 1200, 100  # a 7B run's schedule (train.py: dt = total // 12); t = dt is the first operation
     ctl = beamlora.BeamController(mods, opt, dt=dt, p_init=0.95, end_step=2 * total // 3, total_steps=total)
     snap_s, op_s, pruned = [], [], 0
@@ -232,7 +232,7 @@ def bench_operate(cfg):
         t2 = time.perf_counter()
         with torch.no_grad():  # the same scores each repeat, so each operation prunes the same ranks
             for m, s in zip(mods.values(), scores):
-                m.lora_score.copy_(s)
+                m.gate.g.copy_(s)
         if rep:
             snap_s.append(t1 - t)
             op_s.append(t2 - t1)

@@ -131,8 +131,9 @@ class Run:
             from model import Transformer
             m = Transformer.from_pretrained(path, device=self.device, dtype=dtype) if path else \
                 random_base("ours", spec["model"], self.device, dtype)
-            beamlora.apply_lora(m, targets, r=spec["r"], alpha=spec["alpha"], dropout=0.0,
-                                beam=name.endswith("BeamLoRA"), dtype=torch.float32)
+            mods = beamlora.apply_lora(m, targets, r=spec["r"], alpha=spec["alpha"], dropout=0.0, dtype=torch.float32)
+            if name.endswith("BeamLoRA"):
+                beamlora.add_scores(mods, tau=0.05)
             m.gradient_checkpointing = spec["grad_ckpt"]
         m.train()
         self.model = m

@@ -60,7 +60,7 @@ def run_one(spec):
                              f"--limit={spec['eval_limit']}", "--batch_size=50",
                              f"--max_new_tokens={spec['max_new_tokens']}", "--device=cpu"])
     n_ops = 0
-    events = os.path.join(spec["train"]["out_dir"], "beam_events.jsonl")
+    events = os.path.join(spec["train"]["out_dir"], "events.jsonl")
     if os.path.isfile(events):
         with open(events) as f:
             n_ops = sum(1 for _ in f)
@@ -141,7 +141,7 @@ def main(argv):
                 spec = {"method": m, "r": r, "seed": seed, "train": train_cfg, "test": test,
                         "eval_limit": cfg["eval_limit"], "max_new_tokens": cfg["max_new_tokens"]}
                 os.makedirs(run_dir, exist_ok=True)
-                for name in ("beam_events.jsonl", "scores.jsonl", "log.jsonl"):  # a fresh run's logs
+                for name in ("events.jsonl", "scores.jsonl", "log.jsonl"):  # a fresh run's logs
                     if os.path.exists(os.path.join(run_dir, name)):
                         os.remove(os.path.join(run_dir, name))
                 with open(os.path.join(run_dir, "spec.json"), "w") as f:

@@ -59,8 +59,8 @@ def final_importance(run, key):
         ck = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True)
         with open(os.path.join(run, "spec.json")) as f:
             tau = json.load(f)["train"]["tau"]
-        return {n[:-len(".lora_score")]: torch.softmax(g / tau, 0) for n, g in ck["params"].items()
-                if n.endswith(".lora_score")}
+        return {n[:-len(".gate.g")]: torch.softmax(g / tau, 0) for n, g in ck["params"].items()
+                if n.endswith(".gate.g")}
     ad = load_safetensors(os.path.join(run, "adapter", "adapter_model.safetensors"))
     out = {}
     for k, a in ad.items():

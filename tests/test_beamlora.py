@@ -14,7 +14,8 @@ from beamlora import BeamController, LoRALinear, apply_lora, select_ranks, thres
 
 def layer(r=4, beam=True, seed=0, in_f=6, out_f=5):
     torch.manual_seed(seed)
-    return LoRALinear(nn.Linear(in_f, out_f), r=r, alpha=2 * r, beam=beam, tau=0.05)
+    m = LoRALinear(nn.Linear(in_f, out_f), r=r, alpha=2 * r)
+    return beamlora.add_scores({"m": m}, tau=0.05)["m"] if beam else m
 
 
 def adamw_with_state(params, seed=1):
@@ -38,17 +39,17 @@ def test_init_equals_base_and_plain_lora():
     x = torch.randn(3, 7, 6)
     base = x @ m.weight.T + m.bias
     assert torch.equal(m(x), base)  # B = 0 at init
-    assert torch.equal(m.lora_score, torch.zeros(4))
+    assert torch.equal(m.gate.g, torch.zeros(4))
     with torch.no_grad():
         m.lora_B.normal_()
     plain = base + m.scaling * (x @ m.lora_A.T) @ m.lora_B.T
     assert (m(x) - plain).abs().max() < 1e-5
     with torch.no_grad():
-        m.lora_score.fill_(3.0)  # equal scores, any value: s = 1
+        m.gate.g.fill_(3.0)  # equal scores, any value: s = 1
     assert (m(x) - plain).abs().max() < 1e-5
     with torch.no_grad():
-        m.lora_score.copy_(torch.tensor([0.1, 0.0, -0.05, 0.02]))
-    s = 4 * torch.softmax(m.lora_score / 0.05, 0)
+        m.gate.g.copy_(torch.tensor([0.1, 0.0, -0.05, 0.02]))
+    s = 4 * torch.softmax(m.gate.g / 0.05, 0)
     want = base + m.scaling * ((x @ m.lora_A.T) * s) @ m.lora_B.T
     assert (m(x) - want).abs().max() < 1e-5
     assert (m(x) - plain).abs().max() > 1e-3
@@ -59,14 +60,14 @@ def test_gradients_reach_adapters_not_base():
     with torch.no_grad():
         m.lora_B.normal_()
     m(torch.randn(8, 6)).pow(2).sum().backward()
-    for p in (m.lora_A, m.lora_B, m.lora_score):
+    for p in (m.lora_A, m.lora_B, m.gate.g):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert not m.weight.requires_grad and m.weight.grad is None
 
 
 def test_fp32_adapters_on_bf16_base():
     lin = nn.Linear(6, 5).to(torch.bfloat16)
-    m = LoRALinear(lin, r=2, alpha=4, beam=True)
+    m = beamlora.add_scores({"m": LoRALinear(lin, r=2, alpha=4)}, tau=0.05)["m"]
     assert m.weight.dtype == torch.bfloat16 and m.lora_A.dtype == torch.float32
     y = m(torch.randn(3, 6, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
@@ -85,11 +86,11 @@ def tiny_model():
 def test_apply_lora_wraps_by_name_keeps_keys_and_freezes():
     model = tiny_model()
     keys = set(model.state_dict())
-    mods = apply_lora(model, ["q_proj", "down_proj"], r=4, alpha=8, beam=True)
+    mods = beamlora.add_scores(apply_lora(model, ["q_proj", "down_proj"], r=4, alpha=8), tau=0.05)
     assert sorted(mods) == [f"model.layers.{i}.{p}" for i in range(2) for p in ("mlp.down_proj", "self_attn.q_proj")]
     assert keys <= set(model.state_dict())  # base keys unchanged: checkpoints still line up
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == sorted(f"{n}.{w}" for n in mods for w in ("lora_A", "lora_B", "lora_score"))
+    assert trainable == sorted(f"{n}.{w}" for n in mods for w in ("lora_A", "lora_B", "gate.g"))
     assert beamlora.lora_modules(model).keys() == mods.keys()
 
 
@@ -152,13 +153,13 @@ def setup_op(**kw):
     opt = adamw_with_state(list(m.parameters()))
     # scores: rank 0 strongest ... rank 7 weakest; s = 8 softmax(g / tau)
     with torch.no_grad():
-        m.lora_score.copy_(torch.tensor([0.20, 0.18, 0.16, 0.14, 0.12, 0.10, 0.02, 0.0]))
+        m.gate.g.copy_(torch.tensor([0.20, 0.18, 0.16, 0.14, 0.12, 0.10, 0.02, 0.0]))
     ctl = BeamController({"m": m}, opt, dt=4, p_init=0.9, end_step=1000, total_steps=1000, **kw)
     return m, opt, ctl
 
 
 def state_of(m, opt):
-    st = {"A": m.lora_A, "B": m.lora_B, "g": m.lora_score}
+    st = {"A": m.lora_A, "B": m.lora_B, "g": m.gate.g}
     for k, p in list(st.items()):
         st[k + "1"], st[k + "2"] = opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
     return {k: v.detach().clone() for k, v in st.items()}
@@ -200,6 +201,39 @@ def test_prune_expand_element_by_element():
         assert torch.equal(new[w][:, untouched], cur[w][:, untouched])
     rest = [i for i in range(8) if i not in P and i not in E]
     assert torch.equal(new["g"][rest], cur["g"][rest])
+
+
+def test_inherit_moments_keep_is_the_authors_code():
+    # two modules, global scope: "m" has spread scores and loses ranks, "q" (all s about 1, above m's weak
+    # ranks in the global order) keeps all of them
+    results = {}
+    for mode in ("history", "keep"):
+        m, q = layer(r=8, seed=8), layer(r=8, seed=9)
+        mods = {"m": m, "q": q}
+        opt = adamw_with_state(list(m.parameters()) + list(q.parameters()), seed=4)
+        with torch.no_grad():
+            m.gate.g.copy_(torch.tensor([0.20, 0.18, 0.16, 0.14, 0.12, 0.10, 0.02, 0.0]))
+        ctl = BeamController(mods, opt, dt=4, p_init=0.9, end_step=1000, total_steps=1000, inherit_moments=mode)
+        ctl.step(2)
+        hist = state_of(m, opt)
+        perturb(m, opt, 5)
+        cur, cur_q = state_of(m, opt), state_of(q, opt)
+        ev = ctl.step(4)
+        assert list(ev["modules"]) == ["m"]
+        P, E = ev["modules"]["m"]["pruned"], ev["modules"]["m"]["sources"]
+        new, new_q = state_of(m, opt), state_of(q, opt)
+        for pj, ej in zip(P, E):
+            assert torch.equal(new["A"][pj], hist["A"][ej]) and torch.equal(new["B"][:, pj], hist["B"][:, ej])
+            for w in ("A1", "A2"):  # history: the source's historical moments; keep: the rank's own, untouched
+                assert torch.equal(new[w][pj], hist[w][ej] if mode == "history" else cur[w][pj])
+            for w in ("B1", "B2"):
+                assert torch.equal(new[w][:, pj], hist[w][:, ej] if mode == "history" else cur[w][:, pj])
+        assert torch.equal(new["g1"], torch.zeros(8)) and torch.equal(new["g2"], torch.zeros(8))
+        # the score moments of a module with nothing pruned: zeroed by the authors' code only
+        zeroed = torch.equal(new_q["g1"], torch.zeros(8)) and torch.equal(new_q["g2"], torch.zeros(8))
+        assert zeroed == (mode == "keep") and (mode == "keep" or torch.equal(new_q["g1"], cur_q["g1"]))
+        results[mode] = ev
+    assert results["history"]["modules"]["m"]["pruned"] == results["keep"]["modules"]["m"]["pruned"]
 
 
 def test_sources_randomly_paired():
@@ -258,7 +292,7 @@ def test_controller_rejects_bad_setup():
         args = dict(dt=4, p_init=0.9, end_step=10, total_steps=20) | kw
         with pytest.raises(ValueError, match=msg):
             BeamController({"m": m}, opt, **args)
-    with pytest.raises(ValueError, match="beam=True"):
+    with pytest.raises(ValueError, match="Score gate"):
         BeamController({"m": layer(beam=False)}, opt, 4, 0.9, 10, 20)
 
 
@@ -338,11 +372,11 @@ def test_resume_takes_the_same_decisions():
 
 def test_rank_importance_is_frobenius_of_each_rank_update():
     model = tiny_model()
-    apply_lora(model, ["v_proj"], r=4, alpha=8, beam=True)
+    beamlora.add_scores(apply_lora(model, ["v_proj"], r=4, alpha=8), tau=0.05)
     m = beamlora.lora_modules(model)["model.layers.0.self_attn.v_proj"]
     with torch.no_grad():
         m.lora_B.normal_()
-        m.lora_score.normal_(std=0.05)
+        m.gate.g.normal_(std=0.05)
     imp = beamlora.rank_importance(model)["model.layers.0.self_attn.v_proj"]
     s = m.rank_scale().detach()
     for i in range(4):
@@ -374,8 +408,8 @@ def trained_like(model):
     with torch.no_grad():
         for m in beamlora.lora_modules(model).values():
             m.lora_B.normal_(std=0.05)
-            if m.lora_score is not None:
-                m.lora_score.normal_(std=0.05)
+            if m.gate is not None:
+                m.gate.g.normal_(std=0.05)
 
 
 def test_export_loads_in_peft_and_merge_loads_everywhere(tmp_path):
@@ -383,7 +417,7 @@ def test_export_loads_in_peft_and_merge_loads_everywhere(tmp_path):
     from transformers import AutoModelForCausalLM
     base = hf_checkpoint(tmp_path)
     ours = Transformer.from_pretrained(base)
-    apply_lora(ours, beamlora.TARGETS, r=8, alpha=16, beam=True)
+    beamlora.add_scores(apply_lora(ours, beamlora.TARGETS, r=8, alpha=16), tau=0.05)
     trained_like(ours)
     x = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -445,4 +479,111 @@ def test_load_adapter_bad_dirs(tmp_path):
     cfg["r"] = 2
     json.dump(cfg, open(tmp_path / "ad" / "adapter_config.json", "w"))
     with pytest.raises(ValueError, match="expected \\(2, 64\\)"):
+        beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))
+
+
+class FixedScale(nn.Module):
+    """A gate with given per-rank scales, some exactly 0: the shape LR-LoRA's and AdaLoRA's pruned ranks take."""
+
+    def __init__(self, s):
+        super().__init__()
+        self.register_buffer("s", s)
+
+    def forward(self):
+        return self.s
+
+
+def test_export_drops_zero_ranks_with_rank_pattern_and_pads(tmp_path):
+    from model import Transformer
+    from transformers import AutoModelForCausalLM
+    base = hf_checkpoint(tmp_path)
+    ours = Transformer.from_pretrained(base)
+    mods = apply_lora(ours, ["q_proj", "v_proj", "up_proj"], r=6, alpha=12)
+    trained_like(ours)
+    g = torch.Generator().manual_seed(5)
+    for i, (name, m) in enumerate(mods.items()):  # 6, 4, 2, 0 ... ranks kept, the rest exactly zero
+        keep = [6, 4, 2, 0, 3, 6][i]
+        m.gate = FixedScale(torch.cat([torch.rand(keep, generator=g) + 0.5, torch.zeros(6 - keep)]))
+    x = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ours(x)
+    beamlora.export_peft(ours, str(tmp_path / "ad"), base)
+    cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    assert cfg["r"] == 6 and cfg["rank_pattern"] == {"model.layers.0.self_attn.v_proj": 4,
+                                                     "model.layers.0.mlp.up_proj": 2,
+                                                     "model.layers.1.self_attn.q_proj": 1,  # none kept: one zero rank
+                                                     "model.layers.1.self_attn.v_proj": 3}
+    pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "ad")).eval()
+    assert pm.base_model.model.model.layers[0].mlp.up_proj.lora_A["default"].weight.shape == (2, 64)
+    again = beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))
+    with torch.no_grad():
+        assert (pm(x).logits - want).abs().max() <= 1e-5 * want.abs().max()
+        assert (again(x) - want).abs().max() <= 1e-5 * want.abs().max()
+    # one uniform rank, zero-padded
+    beamlora.export_peft(ours, str(tmp_path / "pad"), base, uniform_rank=8)
+    cfg = json.load(open(tmp_path / "pad" / "adapter_config.json"))
+    assert cfg["r"] == 8 and cfg["rank_pattern"] == {}
+    pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "pad")).eval()
+    with torch.no_grad():
+        assert (pm(x).logits - want).abs().max() <= 1e-5 * want.abs().max()
+    with pytest.raises(ValueError, match="rank=3"):
+        beamlora.export_peft(ours, str(tmp_path / "small"), base, uniform_rank=3)
+
+
+def test_rslora_scaling_exports_and_loads(tmp_path):
+    from model import Transformer
+    from transformers import AutoModelForCausalLM
+    base = hf_checkpoint(tmp_path)
+    ours = Transformer.from_pretrained(base)
+    mods = apply_lora(ours, ["k_proj", "down_proj"], r=4, alpha=8, rslora=True)
+    assert all(m.scaling == 8 / 2 for m in mods.values())  # alpha / sqrt(r)
+    trained_like(ours)
+    beamlora.export_peft(ours, str(tmp_path / "ad"), base)
+    assert json.load(open(tmp_path / "ad" / "adapter_config.json"))["use_rslora"] is True
+    x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        want = ours(x)
+        assert (pm(x).logits - want).abs().max() <= 1e-5 * want.abs().max()
+        assert (beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))(x) - want).abs().max() \
+            <= 1e-5 * want.abs().max()
+
+
+def test_load_peft_adapter_with_rank_and_alpha_patterns(tmp_path):
+    from model import Transformer
+    from transformers import AutoModelForCausalLM
+    base = hf_checkpoint(tmp_path)
+    pm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "gate_proj"], task_type="CAUSAL_LM",
+        rank_pattern={"o_proj": 2, "model.layers.1.self_attn.q_proj": 6}, alpha_pattern={"gate_proj": 3}))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    pm.save_pretrained(str(tmp_path / "pp"))
+    ours = beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "pp"))
+    mods = beamlora.lora_modules(ours)
+    assert mods["model.layers.1.self_attn.q_proj"].r == 6 and mods["model.layers.0.self_attn.o_proj"].r == 2
+    assert mods["model.layers.0.mlp.gate_proj"].scaling == 3 / 4
+    x = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = pm.eval()(x).logits
+        assert (ours(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("change, message", [({"r": None}, "'r' must be a positive number"),
+                                             ({"lora_alpha": "lots"}, "'lora_alpha' must be"),
+                                             ({"use_dora": True}, "no DoRA")])
+def test_load_adapter_bad_config_values(tmp_path, change, message):
+    from model import Transformer
+    base = hf_checkpoint(tmp_path)
+    ours = Transformer.from_pretrained(base)
+    apply_lora(ours, ["q_proj"], r=4, alpha=8)
+    beamlora.export_peft(ours, str(tmp_path / "ad"), base)
+    cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    json.dump(cfg, open(tmp_path / "ad" / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match=message):
         beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))

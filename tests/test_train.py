@@ -59,7 +59,7 @@ def test_end_to_end_beamlora(base, demo_data, tmp_path):
     res = train.train(cfg_for(base, demo_data, out, max_steps=24, val_data=os.path.join(demo_data, "test.jsonl")))
     losses = res["losses"]
     assert len(losses) == 24 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2
-    events = [json.loads(line) for line in open(out / "beam_events.jsonl")]
+    events = [json.loads(line) for line in open(out / "events.jsonl")]
     assert [e["step"] for e in events] == [4, 8, 12]  # dt = 4, end step 16, none in the last 4 steps
     assert sum(len(m["pruned"]) for e in events for m in e["modules"].values()) > 0
     assert res["val_loss"] < losses[0]
@@ -121,14 +121,14 @@ def test_resume_equals_uninterrupted(base, demo_data, tmp_path):
     a = load_safetensors(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_safetensors(str(tmp_path / "part" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ev = lambda d: open(d / "beam_events.jsonl").read()  # noqa: E731
+    ev = lambda d: open(d / "events.jsonl").read()  # noqa: E731
     assert ev(tmp_path / "full") == ev(tmp_path / "part") and ev(tmp_path / "full").count("\n") == 3
     assert any(len(m["pruned"]) >= 2 for m in json.loads(ev(tmp_path / "full").splitlines()[1])["modules"].values())
 
 
 def test_lora_and_full_methods(base, demo_data, tmp_path):
     res = train.train(cfg_for(base, demo_data, tmp_path / "lora", method="lora", max_steps=6))
-    assert not os.path.exists(tmp_path / "lora" / "beam_events.jsonl") and res["losses"][-1] < res["losses"][0]
+    assert not os.path.exists(tmp_path / "lora" / "events.jsonl") and res["losses"][-1] < res["losses"][0]
     res = train.train(cfg_for(base, demo_data, tmp_path / "full", method="full", max_steps=4, lr=1e-3,
                               save_merged=True))
     m = Transformer.from_pretrained(str(tmp_path / "full" / "model"))
@@ -143,7 +143,7 @@ def test_low_precision_base_fp32_adapters(base, demo_data, tmp_path, dtype):
     assert all(torch.isfinite(torch.tensor(res["losses"]))) and res["losses"][-1] < res["losses"][0]
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for k, v in ck["params"].items()), "adapters must stay fp32"
-    assert os.path.getsize(tmp_path / "beam_events.jsonl") > 0
+    assert os.path.getsize(tmp_path / "events.jsonl") > 0
     adapter = load_safetensors(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert adapter and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in adapter.values())
 
@@ -154,7 +154,7 @@ def test_gradient_checkpointing_trains_adapters(base):
     for ckpt in (False, True):
         torch.manual_seed(0)
         m = Transformer.from_pretrained(base)
-        beamlora.apply_lora(m, ["q_proj", "down_proj"], r=4, alpha=8, beam=True)
+        beamlora.add_scores(beamlora.apply_lora(m, ["q_proj", "down_proj"], r=4, alpha=8), tau=0.05)
         for mod in beamlora.lora_modules(m).values():
             torch.nn.init.normal_(mod.lora_B, std=0.1)
         m.gradient_checkpointing = ckpt
@@ -181,7 +181,7 @@ def test_ddp_two_processes_match_one(base, demo_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
     assert abs(log[-1]["loss"] - sum(single["losses"][-4:]) / 4) < 1e-4
-    ev = [[json.loads(line) for line in open(tmp_path / d / "beam_events.jsonl")] for d in ("one", "two")]
+    ev = [[json.loads(line) for line in open(tmp_path / d / "events.jsonl")] for d in ("one", "two")]
     assert [e["step"] for e in ev[0]] == [e["step"] for e in ev[1]] == [4]
     for name, m in ev[0][0]["modules"].items():  # the same ranks pruned and copied; scores equal to rounding
         other = ev[1][0]["modules"][name]
