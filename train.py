@@ -238,7 +238,7 @@ def heldout_loss(model, examples, cfg, ctx):
 
 
 def check_config(cfg):
-    choices = {"method": ("full", "lora", "beamlora"), "scope": ("global", "module"), "schedule": ("cosine", "linear"),
+    choices = {"method": METHODS, "scope": ("global", "module"), "schedule": ("cosine", "linear"),
                "inherit_moments": ("history", "keep"),
                "dtype": ("float32", "bfloat16", "float16"), "data_format": ("metamathqa", "alpaca", "gsm8k", "chat")}
     for key, allowed in choices.items():
@@ -257,6 +257,9 @@ def check_config(cfg):
             raise ConfigError(f"{cfg[key]}: data file missing or empty")
 
 
+METHODS = ("full", "lora", "beamlora")  # --method: each one's layer in wrap, its controller in make_controller
+
+
 def wrap(model, cfg):
     """The method's layers: LoRA on the target linears, then what the method adds to each. -> {name: module}"""
     if cfg["method"] == "full":
@@ -266,6 +269,15 @@ def wrap(model, cfg):
     if cfg["method"] == "beamlora":
         beamlora.add_scores(mods, cfg["tau"])
     return mods
+
+
+def make_optimizer(params, cfg, fused=False):
+    """AdamW without weight decay on the 1-d parameters (scores, norms, magnitudes), as PEFT/HF do."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
 
 
 def make_controller(mods, optimizer, cfg, total):
@@ -317,13 +329,7 @@ def train(cfg):
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     n_frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "embed_tokens" not in n)
-    # AdamW without weight decay on the scores and norms, as PEFT/HF do for 1-d params
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
-                                  fused=dev_type == "cuda")
+    optimizer = make_optimizer(params, cfg, fused=dev_type == "cuda")
     scaler = torch.amp.GradScaler(dev_type, enabled=cfg["dtype"] == "float16")
     ctx = torch.autocast(dev_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 

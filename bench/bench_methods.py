@@ -1,0 +1,200 @@
+"""
+Step time and peak memory of each method against our LoRA, on bench_train.py's CPU shapes. Every
+method is built as train.py builds it (train.wrap, train.make_optimizer, train.make_controller) and
+stepped as train.py's loop steps it (the lr factor, the penalty, clip, AdamW, then the controller
+with the gradients still in place), with the controller's between-step work averaged in over
+whole blocks of steps (METHOD_OPTIONS makes each method act often, as a worst case).
+
+    python bench/bench_methods.py                                        # the default methods, both shapes
+    python bench/bench_methods.py --methods=lora,beamlora --shapes=small --repeats=3
+    python bench/bench_methods.py --threads=1                            # when other jobs share the cores
+
+Step times are medians over interleaved repeats in one process; the ratio to LoRA is the median
+of the per-repeat ratios. Peak memory: each method trains mem_steps steps in a process of its own,
+peak RSS above the RSS after the imports (bench_train.py's reading). Adapters are the same size
+for every method (--r), except where a method's options say otherwise.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import beamlora  # noqa: E402
+import train  # noqa: E402
+from bench_train import SHAPES, make_batch, peak_rss, write_checkpoint  # noqa: E402
+from configurator import ConfigError, parse_args  # noqa: E402
+
+DEFAULTS = dict(
+    methods="lora,beamlora",  # train.py --method names; the first is the reference (LoRA)
+    shapes="small,big",  # bench_train.py's CPU shapes
+    targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    r=16,
+    alpha=32.0,
+    lr=1e-3,
+    block=8,  # steps per timed sample (whole controller intervals: a multiple of the methods' intervals)
+    repeats=3,  # timed samples per method (median), interleaved
+    warmup=8,  # steps before timing (fills AdamW's moments and the controllers' first intervals)
+    memory=True,  # peak memory, each method in a subprocess
+    mem_steps=4,
+    threads=0,  # torch threads; 0: torch's default
+    out_json="out/bench/bench_methods.json",
+    child="",  # internal: a subprocess's spec (JSON)
+)
+# per method: train.py options that make its between-step work happen often (every 4 steps here)
+METHOD_OPTIONS = {
+    "beamlora": dict(dt=4, p_init=0.95, end_step=10**6),
+}
+
+
+class Run:
+    """One method on a fresh copy of the base: train.py's model, optimizer and controller."""
+
+    def __init__(self, method, spec, path):
+        from model import Transformer
+        self.method, self.t = method, 0
+        self.cfg = dict(train.DEFAULTS, method=method, r=spec["r"], alpha=spec["alpha"], dropout=0.0, lr=spec["lr"],
+                        targets=spec["targets"], device="cpu", dtype="float32", **METHOD_OPTIONS.get(method, {}))
+        torch.manual_seed(0)
+        self.model = Transformer.from_pretrained(path)
+        mods = train.wrap(self.model, self.cfg)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = train.make_optimizer(self.params, self.cfg)
+        self.ctl = train.make_controller(mods, self.opt, self.cfg, total=10**6)
+        self.penalty = getattr(self.ctl, "penalty", None)
+        self.lr_factor = getattr(self.ctl, "lr_factor", lambda t: 1.0)
+        self.events = 0
+
+    def step(self, x, y, n_tgt):
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg["lr"] * self.lr_factor(self.t)
+        loss = F.cross_entropy(self.model(x).float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        obj = loss / n_tgt + (self.penalty() if self.penalty is not None else 0)
+        obj.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.t += 1
+        if self.ctl is not None and self.ctl.step(self.t) is not None:
+            self.events += 1
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item() / n_tgt
+
+
+def timed(run, steps, batch):
+    t = time.perf_counter()
+    for _ in range(steps):
+        run.step(*batch)
+    return (time.perf_counter() - t) / steps
+
+
+def bench_shape(name, cfg, path):
+    shape, methods = SHAPES[name], cfg["methods"].split(",")
+    spec = dict(r=cfg["r"], alpha=cfg["alpha"], lr=cfg["lr"], targets=cfg["targets"])
+    batch = make_batch(shape, "cpu")
+    runs = [Run(m, spec, path) for m in methods]
+    for run in runs:
+        timed(run, cfg["warmup"], batch)
+    samples = {m: [] for m in methods}
+    events0 = {run.method: run.events for run in runs}
+    for rep in range(cfg["repeats"]):
+        order = runs[rep % len(runs):] + runs[:rep % len(runs)]  # rotate who goes first
+        for run in order:
+            samples[run.method].append(timed(run, cfg["block"], batch))
+    ref = samples[methods[0]]
+    row = {"shape": name, **shape["model"], "seq": shape["seq"], "batch": shape["batch"], "r": cfg["r"],
+           "step_s": {m: statistics.median(v) for m, v in samples.items()},
+           "over_ref": {m: statistics.median(a / b for a, b in zip(v, ref)) for m, v in samples.items()},
+           "events_per_block": {r.method: (r.events - events0[r.method]) / cfg["repeats"] for r in runs},
+           "n_train": {r.method: sum(p.numel() for p in r.params) for r in runs}, "samples": samples}
+    del runs
+    if cfg["memory"]:
+        row["peak_rss"] = {m: run_child(dict(spec, method=m, path=path, shape=name, steps=cfg["mem_steps"],
+                                             threads=cfg["threads"]))["peak_mem"] for m in methods}
+        row["mem_over_ref"] = {m: v / row["peak_rss"][methods[0]] for m, v in row["peak_rss"].items()}
+    print(f"{name}: " + ", ".join(f"{m} {1e3 * row['step_s'][m]:.1f} ms ({row['over_ref'][m]:.3f}x)" for m in methods),
+          flush=True)
+    return row
+
+
+def child(spec):
+    import model  # noqa: F401  (the same imports on every side: the baseline RSS is comparable)
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    try:  # restart the high-water mark here: the imports' transient peak can exceed a small model's footprint
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = peak_rss()
+    run = Run(spec["method"], spec, spec["path"])
+    timed(run, spec["steps"], make_batch(SHAPES[spec["shape"]], "cpu"))
+    print("RESULT " + json.dumps({"method": spec["method"], "peak_mem": peak_rss() - base}))
+
+
+def run_child(spec):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={f.name}"],
+                              capture_output=True, text=True, cwd=ROOT)
+    finally:
+        os.remove(f.name)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{spec['method']}: child failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def table(rows, methods):
+    lines = ["| shape | method | trained params | ms/step | step time / " + methods[0] + " | peak RSS MiB | memory / "
+             + methods[0] + " |", "|---|---|---|---|---|---|---|"]
+    for x in rows:
+        for m in methods:
+            mem = (f"{x['peak_rss'][m] / 2**20:.0f} | {x['mem_over_ref'][m]:.2f}") if "peak_rss" in x else "- | -"
+            lines.append(f"| {x['shape']} (hidden {x['hidden_size']}, {x['batch']} x {x['seq']} tokens) | {m} | "
+                         f"{x['n_train'][m]:,} | {1e3 * x['step_s'][m]:.1f} | {x['over_ref'][m]:.3f} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    cfg = parse_args(argv, DEFAULTS)
+    if cfg["child"]:
+        with open(cfg["child"]) as f:
+            return child(json.load(f))
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    methods = cfg["methods"].split(",")
+    for m in methods:
+        train.check_config(dict(train.DEFAULTS, method=m, init_from="x", data=__file__))  # an unknown method: one line
+    rows = []
+    for name in cfg["shapes"].split(","):
+        if name not in SHAPES:
+            raise ConfigError(f"--shapes: unknown shape {name!r} ({', '.join(SHAPES)})")
+        with tempfile.TemporaryDirectory() as path:
+            write_checkpoint(path, SHAPES[name]["model"])
+            rows.append(bench_shape(name, cfg, path))
+    md = (f"training step (forward + backward + clip + AdamW + the method's controller), fp32, cpu, "
+          f"{torch.get_num_threads()} threads, r={cfg['r']} on {cfg['targets']}, median of {cfg['repeats']} samples of "
+          f"{cfg['block']} steps:\n\n" + table(rows, methods))
+    print("\n" + md)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg["out_json"])), exist_ok=True)
+    beamlora.atomic_json({"config": cfg, "torch": torch.__version__, "shapes": rows}, cfg["out_json"])
+    print(f"\nwrote {cfg['out_json']}")
+    return {"shapes": rows, "markdown": md}
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
