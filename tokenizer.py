@@ -1,10 +1,12 @@
 """
-The tokenizer of a checkpoint: sentencepiece (Llama-2, Mistral) or tiktoken BPE (Llama-3), told apart by
-the content of tokenizer.model, not by its name.
+The tokenizer of a checkpoint: sentencepiece (Llama-2, Mistral), tiktoken BPE (Llama-3), or a tiktoken BPE
+with a JSON header line (a byte-level BPE converted from a GGUF file by models/, e.g. SmolLM2), told apart
+by the content of tokenizer.model, not by its name.
 
     tok = Tokenizer("checkpoints/Mistral-7B-v0.3")    # or the tokenizer.model file itself
     ids = tok.encode("hi", bos=True)                  # [1, 12782]
     tok.decode(ids[1:]), tok.stop_ids                 # "hi", {2}
+    encode_chat(tok, [{"role": "user", "content": "hi"}])   # the chat format the file names (ChatML)
 
 Text is always encoded as text: "<s>", "[INST]" or "<|eot_id|>" typed in the data are plain characters,
 never the special token (Meta's llama and mistral_common do the same), so the only special tokens in a
@@ -13,6 +15,7 @@ prefix: " x" is "▁▁x". HF's tokenizer.json does not add the prefix to text t
 space, so it differs from us (and from Meta's reference) there.
 """
 import base64
+import json
 import os
 import re
 
@@ -41,7 +44,8 @@ class Tokenizer:
         self.path = path
         with open(path, "rb") as f:
             data = f.read()
-        if TIKTOKEN_LINE.fullmatch(data.split(b"\n", 1)[0].strip()):
+        self.chat_format, self.default_system = None, None  # set by a header that names them
+        if data.startswith(b"{") or TIKTOKEN_LINE.fullmatch(data.split(b"\n", 1)[0].strip()):
             self._init_tiktoken(data)
         else:
             self._init_sentencepiece(data)
@@ -64,23 +68,48 @@ class Tokenizer:
         self.stop_ids = {self.eos_id}
 
     def _init_tiktoken(self, data):
-        ranks = {}
-        for n, line in enumerate(data.splitlines(), 1):
+        header, first = {}, 1
+        if data.startswith(b"{"):  # a converted BPE: its own split pattern, special tokens and ids
+            line, _, data = data.partition(b"\n")
+            try:
+                header = json.loads(line)
+                pattern, specials, n_words = header["pattern"], header["special_tokens"], header["n_vocab"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.path}:1: not a tokenizer header (one JSON line with pattern, special_tokens and "
+                                 f"n_vocab; an HF tokenizer.json is not read) ({type(e).__name__}: {e})") from None
+            first = 2
+        ranks, n_lines = {}, 0
+        for n, line in enumerate(data.splitlines(), first):
             if line.strip():
                 token, _, rank = line.partition(b" ")
                 try:
                     ranks[base64.b64decode(token, validate=True)] = int(rank)
                 except ValueError:  # binascii.Error is a ValueError
                     raise ValueError(f"{self.path}:{n}: not a 'base64token rank' line of a tiktoken BPE file") from None
-        # the specials are numbered after the base ranks, so those must be exactly 0..n-1
-        if sorted(ranks.values()) != list(range(len(ranks))):
-            raise ValueError(f"{self.path}: tiktoken ranks are not 0..{len(ranks) - 1}, each once")
-        n_base = len(ranks)
-        self.special = {t: n_base + i for i, t in enumerate(LLAMA3_SPECIALS)}  # name -> id
+                n_lines += 1
+        if header:
+            # the ids of tokens and specials interleave (SmolLM2's specials are 0..16): each id and token once
+            ids = [*ranks.values(), *specials.values()]
+            if len(set(ids)) != len(ids) or len(ranks) != n_lines:
+                raise ValueError(f"{self.path}: token ids or token bytes are not unique")
+            self.special = specials
+        else:  # Llama-3: the specials are numbered after the base ranks, so those must be exactly 0..n-1
+            if sorted(ranks.values()) != list(range(len(ranks))):
+                raise ValueError(f"{self.path}: tiktoken ranks are not 0..{len(ranks) - 1}, each once")
+            self.special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}  # name -> id
+            pattern = LLAMA3_PATTERN
         self.sp = None
-        self.tt = tiktoken.Encoding(os.path.basename(self.path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+        self.tt = tiktoken.Encoding(os.path.basename(self.path), pat_str=pattern, mergeable_ranks=ranks,
                                     special_tokens=self.special)
-        self.n_words = self.tt.n_vocab  # n_base + 256
+        self.n_words = self.tt.n_vocab  # Llama-3: n_base + 256
+        if header:
+            # bytes the vocabulary lacks have ids from n_vocab on (tiktoken needs all 256): encode drops them,
+            # as llama.cpp and HF's BPE do
+            self.n_words = n_words
+            self.bos_id, self.eos_id, self.pad_id = header.get("bos_id"), header.get("eos_id"), header.get("pad_id")
+            self.stop_ids = set(header.get("stop_ids") or [self.eos_id])
+            self.chat_format, self.default_system = header.get("chat_format"), header.get("default_system")
+            return
         self.bos_id, self.eos_id = self.special["<|begin_of_text|>"], self.special["<|end_of_text|>"]
         # a reserved token: in the embedding, never produced from text (Llama-3.1 names this one
         # <|finetune_right_pad_id|>)
@@ -92,8 +121,9 @@ class Tokenizer:
         if self.sp is not None:
             ids = self.sp.encode(text)
         else:
-            ids = [i for part in _tiktoken_parts(text) for i in self.tt.encode_ordinary(part)]
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+            ids = [i for part in _tiktoken_parts(text) for i in self.tt.encode_ordinary(part) if i < self.n_words]
+        # a model that takes no bos (bos_id None: SmolLM2's add_bos_token is false) gets none
+        return [self.bos_id] * (bos and self.bos_id is not None) + ids + [self.eos_id] * eos
 
     def decode(self, ids):
         ids = [int(i) for i in ids]  # tensors and numpy ints too
@@ -111,3 +141,21 @@ def _tiktoken_parts(text, max_chars=400_000, max_run=25_000):
                 yield chunk[start:cut]
                 start = cut
         yield chunk[start:]
+
+
+def encode_chat(tok, messages, add_generation_prompt=True):
+    """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...] -> ids in the chat format
+    the tokenizer file names. ChatML (SmolLM2-Instruct, Qwen): per message <|im_start|>role\ncontent<|im_end|>\n,
+    then <|im_start|>assistant\n for the reply; the model's default system prompt goes first when the first
+    message is not a system one (its template does that). Generate with stop_ids=tok.stop_ids: the reply ends
+    with <|im_end|>. Content is text: "<|im_end|>" typed in it is never the special token."""
+    if tok.chat_format != "chatml":
+        raise ValueError(f"{tok.path}: this tokenizer names no chat format; use a plain prompt or a template")
+    start, end = tok.special["<|im_start|>"], tok.special["<|im_end|>"]
+    if tok.default_system and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": tok.default_system}, *messages]
+    ids = []
+    for m in messages:
+        # the text between two specials is encoded on its own, as a tokenizer splitting at specials does
+        ids += [start, *tok.encode(f"{m['role']}\n{m['content']}"), end, *tok.encode("\n")]
+    return ids + [start, *tok.encode("assistant\n")] * add_generation_prompt

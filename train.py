@@ -101,14 +101,17 @@ PROMPT = ("Below is an instruction that describes a task. Write a response that 
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                 "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
                 "{instruction}\n\n### Input:\n{input}\n\n### Response:")
+GSM8K_ANSWER = "The answer is: "  # MetaMath's answer line, which eval.py's gsm8k task extracts
 
 
 def segments(ex, data_format):
     """One jsonl record -> [(text, trained?)]: the prompt carries no loss, the response does."""
     if data_format == "metamathqa":
         return [(PROMPT.format(instruction=ex["query"]), False), (ex["response"], True)]
-    if data_format == "gsm8k":
-        return [(PROMPT.format(instruction=ex["question"]), False), (ex["answer"], True)]
+    if data_format == "gsm8k":  # "... #### 72" is trained as "... The answer is: 72", the form eval.py reads
+        steps, sep, final = ex["answer"].rpartition("####")
+        answer = f"{steps.rstrip()}\n{GSM8K_ANSWER}{final.strip()}" if sep else ex["answer"]
+        return [(PROMPT.format(instruction=ex["question"]), False), (answer, True)]
     if data_format == "alpaca":
         p = PROMPT_INPUT.format(instruction=ex["instruction"], input=ex["input"]) if ex.get("input") else \
             PROMPT.format(instruction=ex["instruction"])
@@ -132,7 +135,7 @@ def tokenize_file(path, tok, cfg):
         raise ConfigError(f"{path}: data file missing or empty")
     h = hashlib.sha256()
     for part in (path, str(os.path.getmtime(path)), str(os.path.getsize(path)), cfg["data_format"],
-                 str(cfg["max_len"]), PROMPT):
+                 str(cfg["max_len"]), PROMPT, GSM8K_ANSWER):
         h.update(part.encode())
     with open(tok.path, "rb") as f:
         h.update(f.read())

@@ -1,13 +1,14 @@
 import base64
 import json
 import os
+import re
 
 import pytest
 import sentencepiece as spm
 import tiktoken
 
 from conftest import SHARED
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, encode_chat
 
 MISTRAL = os.path.join(SHARED, "assets", "mistral-7b-v0.3")
 TRICKY = ["Hello world", "", "\n", "a\nb\n\n  c", "trailing  ", "tab\there", "a\r\nb",
@@ -165,6 +166,40 @@ def test_tiktoken_specials(llama3):
     assert special("<|eot_id|>") in ref.encode(s, allowed_special="all")  # what trusting the text would give
     assert tok.encode(s) == ref.encode_ordinary(s) and max(tok.encode(s)) < N_BASE
     assert tok.encode(s, bos=True, eos=True) == [128000] + ref.encode_ordinary(s) + [128001]
+
+
+# -----------------------------------------------------------------------------
+# a converted byte-level BPE (models/smollm2/prepare.py writes one from a GGUF): a JSON header line, then the
+# ranks. The real file is checked against its GGUF's own BPE and chat template in test_gguf.py.
+
+def test_bpe_with_header(tmp_path):
+    specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}  # below the ranks, as SmolLM2's
+    ranks = {bytes([b]): 3 + i for i, b in enumerate(b for b in range(256) if b != 4)}  # no token for byte 4
+    ranks[b"ab"] = 258
+    ranks[b"\x04"] = 259  # tiktoken needs every byte: the missing one gets an id past n_vocab
+    header = {"pattern": r"'s|'t| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+", "special_tokens": specials,
+              "n_vocab": 259, "bos_id": None, "eos_id": 2, "pad_id": 0, "stop_ids": [0, 2], "chat_format": "chatml",
+              "default_system": "Be brief."}
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(json.dumps(header).encode() + b"\n" + b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
+    tok = Tokenizer(str(tmp_path))
+    assert (tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (259, None, 2, 0, {0, 2})
+    assert tok.encode("ab a\x04b", bos=True) == [258, ranks[b" "], ranks[b"a"], ranks[b"b"]]  # no bos; byte 4 dropped
+    assert tok.decode(tok.encode("ab <|im_end|> ab")) == "ab <|im_end|> ab" and 2 not in tok.encode("<|im_end|>")
+    chat = [{"role": "user", "content": "ab"}]
+    assert tok.decode(encode_chat(tok, chat)) == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                                                  "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n")
+    own = [{"role": "system", "content": "x"}, *chat, {"role": "assistant", "content": "b"}]
+    assert tok.decode(encode_chat(tok, own, add_generation_prompt=False)) == \
+        "<|im_start|>system\nx<|im_end|>\n<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+    path.write_bytes(b'{"pattern": "x"\n' + base64.b64encode(b"a") + b" 0\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:1: not a tokenizer header"):
+        Tokenizer(str(path))
+
+
+def test_chat_needs_a_chat_format(tiny_sp):
+    with pytest.raises(ValueError, match="names no chat format"):
+        encode_chat(Tokenizer(tiny_sp), [{"role": "user", "content": "hi"}])
 
 
 # -----------------------------------------------------------------------------
