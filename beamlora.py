@@ -148,6 +148,14 @@ def order_desc(s):
     return torch.sort(s.double(), descending=True, stable=True).indices
 
 
+def to_cpu(tensors):
+    """{name: tensor} -> {name: float64 cpu tensor} in one transfer: one device sync for all modules
+    (224 at 7B), not one per module."""
+    names = list(tensors)
+    flat = torch.cat([tensors[n].detach().flatten() for n in names]).double().cpu()
+    return dict(zip(names, flat.split([tensors[n].numel() for n in names])))
+
+
 def select_ranks(scores, p, scope="global"):
     """How many ranks K_m to prune in each module. scores: {name: s (r,)}.
 
@@ -159,10 +167,11 @@ def select_ranks(scores, p, scope="global"):
     names = list(scores)
     if p >= 1 or not names:
         return {n: 0 for n in names}
+    cpu = to_cpu(scores)
     groups = [names] if scope == "global" else [[n] for n in names]
     k = {n: 0 for n in names}
     for group in groups:
-        s = torch.cat([scores[n].detach().double().cpu() for n in group])
+        s = torch.cat([cpu[n] for n in group])
         owner = torch.cat([torch.full((len(scores[n]),), i) for i, n in enumerate(group)])
         order = order_desc(s)
         csum = torch.cumsum(s[order], 0)
@@ -248,7 +257,7 @@ class BeamController:
     @torch.no_grad()
     def operate(self, t):
         p = self.threshold(t)
-        scores = {n: m.rank_scale() for n, m in self.modules.items()}
+        scores = to_cpu({n: m.rank_scale() for n, m in self.modules.items()})
         ks = select_ranks(scores, p, self.scope)
         hist = self.take_snapshot() if self.no_history else self.snapshot
         if hist is None:
