@@ -333,6 +333,8 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids, targets=None, attention_mask=None):
+        """Logits (B, T, vocab); with targets (B, T) (-100: no loss) the SUM of the cross-entropy instead,
+        computed without ever holding the logits (lm_loss)."""
         B, T = input_ids.shape
         idx = torch.arange(T, device=input_ids.device)
         if attention_mask is None:
@@ -344,13 +346,15 @@ class Transformer(nn.Module):
             valid = attention_mask.bool()
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
             mask = make_mask(valid, idx, idx, self.args.sliding_window)
-        logits = self.run(input_ids, positions, mask)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            return self.run(input_ids, positions, mask)
+        if type(self.lm_head) is not nn.Linear:  # an adapter on the head (a LoRA target): the plain way
+            logits = self.run(input_ids, positions, mask)
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        h = self.run(input_ids, positions, mask, head=False)  # (B, T, dim), normalised
+        return lm_loss(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
-    def run(self, input_ids, positions, mask, cache_start=0, last_only=False):
+    def run(self, input_ids, positions, mask, cache_start=0, last_only=False, head=True):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.model.layers:
@@ -360,7 +364,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache_start)
         if last_only:  # generation needs the last position only: skip lm_head over the whole prompt
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return self.lm_head(x) if head else x
 
     # -------------------------------------------------------------------------
     # generation with a KV cache
@@ -496,6 +501,53 @@ def load_checkpoint_tensors(checkpoint_dir):
         tensors = load_safetensors(os.path.join(checkpoint_dir, shard))
         state.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
     return state
+
+
+class ChunkedLMLoss(torch.autograd.Function):
+    """sum_t cross_entropy(h_t W^T, y_t) over the tokens with y_t != -100, a chunk of tokens at a time.
+    The (tokens, vocab) logits, their fp32 copy and their gradient never exist in full (at vocab 128k,
+    8k tokens: 2 + 4 + 4 GiB); the gradients are computed chunk by chunk in the forward (softmax - onehot),
+    so nothing is recomputed in the backward. Numerics follow lm_head + F.cross_entropy: logits in the
+    compute dtype (autocast's), softmax in fp32, the logits' gradient cast back before the matmuls."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk):  # h (N, dim), w (vocab, dim), y (N,)
+        need_h, need_w = ctx.needs_input_grad[:2]
+        ctx.w_dtype = w.dtype
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, len(h), chunk):
+            hc, yc = h[i:i + chunk], y[i:i + chunk]
+            logits = F.linear(hc, w)  # (c, vocab)
+            low, z = logits.dtype, logits.float()
+            del logits  # in place from here on: one fp32 (c, vocab) buffer and its low-precision copy at most
+            lse = torch.logsumexp(z, dim=-1)
+            keep = yc != -100
+            yk = torch.where(keep, yc, 0)
+            total += ((lse - z.gather(1, yk[:, None])[:, 0]) * keep).sum()
+            if need_h or need_w:
+                g = z.sub_(lse[:, None]).exp_()  # d loss / d logits = softmax - onehot, rows without a target 0
+                g[torch.arange(len(yc), device=g.device), yk] -= 1
+                g = g.mul_(keep[:, None]).to(low)
+                if need_h:
+                    grad_h[i:i + chunk] = (g @ w.to(g.dtype)).to(h.dtype)
+                if need_w:
+                    grad_w += (g.t() @ hc.to(g.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None, None, None)
+
+
+def lm_loss(h, w, y, max_elems=2**25):
+    """Summed next-token loss of hidden states h (N, dim) under the head w (vocab, dim): ChunkedLMLoss with
+    chunks of about max_elems logits (128 MiB in fp32: 256 tokens at vocab 128k, all of a small batch)."""
+    return ChunkedLMLoss.apply(h, w, y, max(1, max_elems // w.shape[0]))
 
 
 def sample(logits, temperature, top_p, generator=None):

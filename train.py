@@ -29,7 +29,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import beamlora
 from configurator import ConfigError, parse_args
@@ -233,8 +232,7 @@ def heldout_loss(model, examples, cfg, ctx):
     for i in range(0, len(examples), cfg["micro_batch_size"]):
         x, y = collate(examples, list(range(i, min(i + cfg["micro_batch_size"], len(examples)))), cfg["device"])
         with ctx:
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+            total += model(x, targets=y).item()  # the summed loss, chunk by chunk (model.lm_loss)
         count += (y != -100).sum().item()
     model.train()
     return total / max(count, 1)
@@ -337,7 +335,10 @@ def train(cfg):
     ctx = torch.autocast(dev_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 
     lengths = [len(e[0]) for e in train_ex]
-    steps_per_epoch = len(epoch_batches(lengths, 0, cfg["seed"], cfg["batch_size"]))
+    # loss tokens per example (labels[0] is never a target: position t predicts t + 1), counted once, at C speed
+    n_targets = [len(e[1]) - e[1].count(-100) - (e[1][0] != -100) for e in train_ex]
+    plan_epoch, plan = 0, epoch_batches(lengths, 0, cfg["seed"], cfg["batch_size"])
+    steps_per_epoch = len(plan)  # the same for every epoch: only the order changes
     if steps_per_epoch == 0:
         raise ConfigError(f"{cfg['data']}: {len(train_ex)} examples, fewer than one global batch of {cfg['batch_size']}")
     total = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
@@ -393,8 +394,10 @@ def train(cfg):
     start_step = step
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
-        batch = epoch_batches(lengths, epoch, cfg["seed"], cfg["batch_size"])[i]
-        n_tgt = sum(sum(x != -100 for x in train_ex[j][1][1:]) for j in batch)  # target tokens, all processes
+        if epoch != plan_epoch:  # the batch plan once per epoch (a resume recomputes its epoch's once)
+            plan_epoch, plan = epoch, epoch_batches(lengths, epoch, cfg["seed"], cfg["batch_size"])
+        batch = plan[i]
+        n_tgt = sum(n_targets[j] for j in batch)  # target tokens of the global batch, all processes
         mine = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, cfg) * lr_factor(step)
@@ -403,16 +406,15 @@ def train(cfg):
             x, y = collate(train_ex, mine[k * cfg["micro_batch_size"]:(k + 1) * cfg["micro_batch_size"]], cfg["device"])
             if ddp:  # sync gradients only on the last micro-batch
                 model.require_backward_grad_sync = k == accum - 1
-            with ctx:
-                logits = model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+            with ctx:  # the summed loss over the micro-batch; the full logits are never held (model.lm_loss)
+                loss = model(x, targets=y)
             # normalise by the target tokens of the whole global batch; DDP averages over processes, so x world
             obj = loss * world / n_tgt
             if penalty is not None and k == 0:  # the method's own term, once per step (the same on every process)
                 obj = obj + penalty()
             scaler.scale(obj).backward()
             loss_sum += loss.detach()
-            tokens_log += sum(len(train_ex[j][0]) for j in mine[k * cfg["micro_batch_size"]:(k + 1) * cfg["micro_batch_size"]])
+            tokens_log += sum(lengths[j] for j in mine[k * cfg["micro_batch_size"]:(k + 1) * cfg["micro_batch_size"]])
         if cfg["grad_clip"] > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])

@@ -70,17 +70,49 @@ def test_padding_mask_matches_transformers(tmp_path, name):
     assert (alone[0] - got[1, 6:]).abs().max() <= 1e-4
 
 
-def test_targets_give_the_masked_mean_loss(tmp_path):
+def test_targets_give_the_summed_loss_and_hf_gradients(tmp_path):
+    # with targets the model returns the summed cross-entropy, computed chunk by chunk without the logits;
+    # the reference: transformers' logits, log-softmax in float64, and autograd through them
     hf, path = write_hf(tmp_path, "llama_gqa")
     ours = Transformer.from_pretrained(path)
     x = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
     y = x.roll(-1, 1)
     y[:, :4] = -100
-    logits, loss = ours(x, y)
-    lp = torch.log_softmax(logits.double(), -1)
     keep = y != -100
-    ref = -lp[keep].gather(-1, y[keep][:, None]).mean()
-    assert abs(loss.item() - ref.item()) < 1e-5
+    lp = torch.log_softmax(hf(x).logits.double(), -1)
+    ref = -lp[keep].gather(-1, y[keep][:, None]).sum()
+    ref.backward()
+    loss = ours(x, targets=y)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    for name in ("model.layers.1.mlp.down_proj.weight", "lm_head.weight", "model.embed_tokens.weight"):
+        a, b = dict(ours.named_parameters())[name].grad, dict(hf.named_parameters())[name].grad
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), name
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_lm_loss_equals_the_full_logits_way(autocast):
+    # many small chunks (7 tokens each) against lm_head + F.cross_entropy over the whole logits
+    from model import lm_loss
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(37, 16, generator=g), 0.3 * torch.randn(50, 16, generator=g)
+    y = torch.randint(0, 50, (37,), generator=g)
+    y[::3] = -100
+    out = []
+    for mine in (True, False):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = lm_loss(h, w, y, max_elems=7 * 50) if mine else \
+                torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), y, ignore_index=-100,
+                                                  reduction="sum")
+        loss.backward()
+        out.append((loss, h.grad, w.grad))
+    (a, ha, wa), (b, hb, wb) = out
+    tol = 1e-2 if autocast else 1e-5  # bf16: the reference rounds its one weight-gradient matmul to bf16
+    assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
+    assert (ha - hb).abs().max() <= tol * hb.abs().max() and (wa - wb).abs().max() <= tol * wb.abs().max()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the loss only
+        assert abs(lm_loss(h0, w0, y, max_elems=7 * 50).item() - b.item()) <= 1e-5 * abs(b.item())
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -189,7 +221,7 @@ def test_fresh_model_from_config_trains(tmp_path):
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     losses = []
     for _ in range(5):
-        _, loss = m(x[:, :-1], x[:, 1:])
+        loss = m(x[:, :-1], x[:, 1:]) / x[:, 1:].numel()
         opt.zero_grad()
         loss.backward()
         opt.step()
