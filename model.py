@@ -377,10 +377,12 @@ class Transformer(nn.Module):
             a.kv_cache = None if batch == 0 else KVCache(batch, a.n_kv, max_len, a.head_dim, p.dtype, p.device)
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, seed=None):
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, seed=None, num_beams=1):
         """prompts: lists of token ids (any lengths). Returns the new ids of each, without the stop id."""
+        if num_beams > 1:
+            return self.beam_search(prompts, max_new_tokens, num_beams, stop_ids)
         dev = self.lm_head.weight.device
-        stop = torch.tensor(sorted(set(stop_ids if stop_ids is not None else self.eos_ids())), device=dev)
+        stop = torch.tensor(sorted(set(stop_ids if stop_ids is not None else self.eos_ids())), dtype=torch.long, device=dev)
         B, L = len(prompts), max(len(p) for p in prompts)
         S = L + max_new_tokens
         tokens = torch.zeros(B, L, dtype=torch.long, device=dev)
@@ -415,6 +417,74 @@ class Transformer(nn.Module):
         for row in out.tolist():  # cut each row at its first stop id
             result.append(next((row[:j] for j, t in enumerate(row) if t in stops), row))
         return result
+
+    @torch.no_grad()
+    def beam_search(self, prompts, max_new_tokens, num_beams, stop_ids=None, length_penalty=1.0, early_stopping=False):
+        """transformers' beam search, step for step (LLM-Adapters' commonsense evaluation: 4 beams, its default
+        length_penalty 1.0 and early_stopping False). Returns the best finished hypothesis of each prompt."""
+        dev, nb = self.lm_head.weight.device, num_beams
+        stop = torch.tensor(sorted(set(stop_ids if stop_ids is not None else self.eos_ids())), dtype=torch.long, device=dev)
+        B, L = len(prompts), max(len(p) for p in prompts)
+        if max_new_tokens == 0:
+            return [[] for _ in prompts]
+        S, K = L + max_new_tokens, max(2, 1 + len(stop)) * nb  # K candidates: enough to refill nb beams if some end
+        tokens = torch.zeros(B * nb, L, dtype=torch.long, device=dev)  # row b * nb + j: beam j of prompt b
+        valid = torch.ones(B * nb, S, dtype=torch.bool, device=dev)
+        for i, p in enumerate(prompts):
+            tokens[i * nb:(i + 1) * nb, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i * nb:(i + 1) * nb, :L - len(p)] = False
+        positions, slots = (valid.long().cumsum(-1) - 1).clamp(min=0), torch.arange(S, device=dev)
+        run_seqs = torch.zeros(B, nb, 0, dtype=torch.long, device=dev)  # (B, nb, t) the running beams' new tokens
+        run_scores = torch.zeros(B, nb, device=dev)
+        run_scores[:, 1:] = -1e9  # the beams start identical: expand the first only
+        fin_seqs = torch.zeros(B, nb, max_new_tokens, dtype=torch.long, device=dev)  # the nb best finished
+        fin_scores, is_fin = torch.full((B, nb), -1e9, device=dev), torch.zeros(B, nb, dtype=torch.bool, device=dev)
+        improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)  # could a running beam still beat a finished one
+        top_nb = torch.arange(K, device=dev) < nb
+        was_training = self.training
+        self.eval()
+        self.setup_cache(B * nb, S)
+        try:
+            start, cur = 0, tokens
+            for t in range(max_new_tokens):  # t tokens generated so far
+                end = start + cur.shape[1]
+                mask = make_mask(valid[:, :end], slots[start:end], slots[:end], self.args.sliding_window)
+                logits = self.run(cur, positions[:, start:end], mask, cache_start=start, last_only=True)[:, -1].float()
+                logp = F.log_softmax(logits, dim=-1).view(B, nb, -1) + run_scores[:, :, None]  # (B, nb, V)
+                top, idx = logp.view(B, -1).topk(K)  # (B, K): the best continuations over all beams
+                src, tok = idx // logp.shape[-1], idx % logp.shape[-1]
+                cand = torch.cat([run_seqs.gather(1, src[:, :, None].expand(-1, -1, t)), tok[:, :, None]], -1)
+                ends = torch.isin(tok, stop) | (t + 1 == max_new_tokens)  # (B, K)
+                # the nb best candidates that go on
+                live = top + ends.float() * -1e9
+                keep = live.topk(nb).indices  # (B, nb)
+                run_seqs, run_scores = cand.gather(1, keep[:, :, None].expand(-1, -1, t + 1)), live.gather(1, keep)
+                beam_src = src.gather(1, keep)
+                # those among the top nb that ended join the finished ones, scored by sum log p / length ** penalty
+                score = top / (t + 1) ** length_penalty
+                score = score + (is_fin.all(-1, keepdim=True) & (early_stopping is True)).float() * -1e9
+                score = score + (~improvable).float() * -1e9 + (~(ends & top_nb)) * -1e9
+                merged = torch.cat([fin_scores, score], 1)
+                best = merged.topk(nb).indices
+                fin_seqs = torch.cat([fin_seqs, F.pad(cand, (0, max_new_tokens - t - 1))], 1).gather(
+                    1, best[:, :, None].expand(-1, -1, max_new_tokens))
+                fin_scores, is_fin = merged.gather(1, best), torch.cat([is_fin, ends & top_nb], 1).gather(1, best)
+                # transformers' stopping heuristic: the best running beam scored at the current length
+                best_len = max_new_tokens if early_stopping == "never" and length_penalty > 0 else t + 1
+                worst = torch.where(is_fin, fin_scores.min(1, keepdim=True).values, -1e9)
+                improvable &= (run_scores[:, :1] / best_len ** length_penalty > worst).any(-1, keepdim=True)
+                if not improvable.any() or (is_fin.all() and early_stopping is True) or ends.all():
+                    break
+                order = (beam_src + torch.arange(B, device=dev)[:, None] * nb).view(-1)
+                for layer in self.model.layers:  # each beam continues from its source beam's cache
+                    c = layer.self_attn.kv_cache
+                    c.k[:, :, :end], c.v[:, :, :end] = c.k[order, :, :end], c.v[order, :, :end]
+                start, cur = end, run_seqs[:, :, -1].reshape(B * nb, 1)
+        finally:
+            self.setup_cache(0, 0)
+            self.train(was_training)
+        stops = set(stop.tolist())
+        return [next((row[:j] for j, t in enumerate(row) if t in stops), row) for row in fin_seqs[:, 0].tolist()]
 
     def eos_ids(self):
         eos = self.config.get("eos_token_id", 2)

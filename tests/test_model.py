@@ -350,3 +350,31 @@ def test_bad_checkpoint_dirs(tmp_path):
     json.dump({**cfg, "intermediate_size": 80}, open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match="has shape"):
         Transformer.from_pretrained(path)
+
+
+def test_beam_search_matches_transformers(tmp_path):
+    # stop ids taken from the greedy outputs, so hypotheses end at different steps and in different beams
+    hf, path = write_hf(tmp_path, "llama_gqa")
+    ours = Transformer.from_pretrained(path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 12, 1, 8)]
+    greedy = ours.generate(prompts, max_new_tokens=12, stop_ids=[])
+    stops = sorted({t for row in greedy for t in row[1:5]})
+    ids, mask = left_pad(prompts)
+    # LLM-Adapters' setting (4 beams, transformers' defaults) with four stop ids, then other penalties and stops
+    runs = [(stop, 4, 1.0, False) for stop in stops[:4]] + [(stops[4], 3, 0.5, True), (stops[5], 2, 2.0, "never"),
+                                                           (stops[0], 5, -1.0, False)]
+    ended_early = 0
+    for stop, nb, lp, es in runs:
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_beams=nb, do_sample=False,
+                          length_penalty=lp, early_stopping=es, eos_token_id=stop, pad_token_id=0)
+        ref = [r[:r.index(stop)] if stop in r else r for r in ref[:, ids.shape[1]:].tolist()]
+        got = ours.beam_search(prompts, 12, nb, stop_ids=[stop], length_penalty=lp, early_stopping=es)
+        assert got == ref, (stop, nb, lp, es)
+        ended_early += sum(len(r) < 12 for r in got)
+    assert ended_early >= 3
+    # generate(num_beams=4) is that search with transformers' defaults; each prompt alone gives the same tokens
+    got = ours.generate(prompts, 12, stop_ids=[stops[0]], num_beams=4)
+    assert got == ours.beam_search(prompts, 12, 4, [stops[0]])
+    assert [ours.generate([p], 12, stop_ids=[stops[0]], num_beams=4)[0] for p in prompts] == got
+    assert ours.generate(prompts, 12, stop_ids=[], num_beams=4) != greedy  # beams find other text than greedy
