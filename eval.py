@@ -7,24 +7,24 @@ Evaluate a base model, a base model + LoRA adapter (ours or PEFT), or a merged c
     python eval.py --model=ckpt/merged --task=mbpp --data=mbpp_test.jsonl --timeout=10
     python eval.py --model=ckpt/merged --task=ppl --data=val.jsonl   (or a .txt file)
 
-Tasks: gsm8k, math (MetaMath's prompt and answer rules), the eight commonsense sets in the
-LLM-Adapters format (boolq piqa social_i_qa hellaswag winogrande ARC-Easy ARC-Challenge openbookqa),
-humaneval and mbpp (greedy pass@1, programs run in a sandboxed subprocess), ppl.
-Writes <out>/<task>_summary.json and <out>/<task>_samples.jsonl. Greedy decoding throughout.
+Tasks: gsm8k, math (MetaMath's prompt; `accuracy` is MetaMath's own decision, quirks included, beside
+accuracy_strict / accuracy_lenient), the eight commonsense sets in the LLM-Adapters format (boolq piqa
+social_i_qa hellaswag winogrande ARC-Easy ARC-Challenge openbookqa; generated as LLM-Adapters did: its
+prompt, 4-beam search, 32 new tokens), humaneval and mbpp (greedy pass@1, programs run in sandbox.py), ppl.
+Writes <out>/<task>_summary.json and <out>/<task>_samples.jsonl. Greedy decoding except commonsense.
 """
 import json
 import math
 import os
 import re
-import resource
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
+import unicodedata
 from fractions import Fraction
+
+import sandbox
 
 # train.py's Alpaca template; LLM-Adapters' commonsense prompts add a newline after "### Response:"
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -34,14 +34,21 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
 METAMATH = ("Below is an instruction that describes a task. Write a response that appropriately "
             "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: Let's think step by step.")
-METAMATH_STOPS = ["Instruction:", "Instruction", "Response:", "Response"]
+METAMATH_STOPS = ["Instruction:", "Instruction", "Response:", "Response"]  # the BeamLoRA authors' math_infer
 ALPACA_STOPS = ["### Instruction", "### Input", "### Response"]
+COMMONSENSE_STOPS = ["### Response:"]
+# LLM-Adapters' commonsense_evaluate.py: its f-string keeps the source's indentation (and a space after
+# "request."); the answer is the decoded text between the first and a second "### Response:"
+LLM_ADAPTERS = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                "request. \n\n                ### Instruction:\n                {instruction}\n\n"
+                "                ### Response:\n                ")
 # LLM-Adapters' answer patterns; the first one found in the output is the prediction
 COMMONSENSE = {"boolq": r"true|false", "piqa": r"solution1|solution2", "social_i_qa": r"answer1|answer2|answer3|answer4|answer5",
                "ARC-Challenge": r"answer1|answer2|answer3|answer4|answer5", "ARC-Easy": r"answer1|answer2|answer3|answer4|answer5",
                "openbookqa": r"answer1|answer2|answer3|answer4|answer5", "hellaswag": r"ending1|ending2|ending3|ending4",
                "winogrande": r"option1|option2"}
 MAX_NEW = {"gsm8k": 1024, "math": 2048, "humaneval": 512, "mbpp": 512, **{k: 32 for k in COMMONSENSE}}
+NUM_BEAMS = {k: 4 for k in COMMONSENSE}  # LLM-Adapters' GenerationConfig(num_beams=4), no sampling; else greedy
 TASKS = ["gsm8k", "math", *COMMONSENSE, "humaneval", "mbpp", "ppl"]
 
 
@@ -54,9 +61,45 @@ class UsageError(EvalError):  # bad options: exit code 2
 
 
 # -----------------------------------------------------------------------------
-# GSM8K: the first number after the last "The answer is: ", compared by value
+# GSM8K. accuracy: MetaMath's eval_gsm8k.py decision for decision (the BeamLoRA authors' gsm8k_infer.py is
+# the same plus a grader, see README): the first match of its regex after the last "The answer is: ",
+# rounded to an integer. accuracy_strict: the first well-formed number there, compared by exact value.
 
-NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d*\.?\d+)(?:/\d+)?")
+MM_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")  # one separator at most: "1,450,000" reads as 1450
+NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d*\.?\d+)(?:/\d+)?")  # separators in threes
+
+
+def mm_is_number(s):  # MetaMath's is_number: float() parses it, or it is one numeric character
+    try:
+        float(s)
+        return True
+    except ValueError:
+        pass
+    try:
+        unicodedata.numeric(s)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def metamath_gsm8k(output):
+    """MetaMath's prediction: an int, or None (no answer)."""
+    parts = output.split("The answer is: ")
+    m = MM_NUMBER.search(parts[-1].strip()) if len(parts) > 1 else None
+    if m is None:
+        return None
+    if "/" not in m.group():
+        value = float(m.group().replace(",", ""))
+        return None if value == math.inf else round(value)  # round() ties to even: 17.5 -> 18, 16.5 -> 16
+    num, den = m.group().split("/")
+    if not (mm_is_number(num) and mm_is_number(den)):
+        return None  # "/4", "-/4"
+    if den == "0":
+        return round(float(num))  # "x/0" reads as x
+    try:  # its `fraction` package gives num/den exactly; "5/00" and 400-digit numbers make it raise (the
+        return round(int(num) / int(den))  # script stops): no answer here
+    except (ZeroDivisionError, OverflowError):
+        return None
 
 
 def to_fraction(s):
@@ -71,14 +114,15 @@ def extract_gsm8k(output):
     return m.group(0) if m else None
 
 
-def gsm8k_correct(pred, gold):
-    # exact value comparison (MetaMath rounds the prediction to an int; we do not: 17.5 != 18)
+def gsm8k_correct(pred, gold):  # strict: exact value, no rounding (17.5 != 18)
     value = to_fraction(pred) if pred is not None else None
     return value is not None and value == to_fraction(gold)
 
 
 # -----------------------------------------------------------------------------
-# MATH: strict string match after MetaMath's (Hendrycks') normalisation, then a lenient sympy check
+# MATH. accuracy: MetaMath's eval_math.py with its util.is_equiv, quirks included: Hendrycks' normaliser, and
+# where that raises (a "/" between non-integers, "\text{ " twice, \sqrt or \frac at the end) the raw strings
+# compared. accuracy_lenient: that, else sympy equivalence item by item (tuples, intervals).
 
 def last_boxed(text):
     """Content of the last \\boxed{...} (or \\fbox{...}), nested braces included; None if there is none."""
@@ -96,6 +140,19 @@ def last_boxed(text):
     return None
 
 
+def metamath_gold(solution):
+    """MetaMath's gold: the last \\boxed{...} (\\fbox only where there is no \\boxed), else None."""
+    i = solution.rfind("\\boxed")
+    i = i if i >= 0 else solution.rfind("\\fbox")
+    depth = 0
+    for j in range(i, len(solution)) if i >= 0 else ():
+        depth += {"{": 1, "}": -1}.get(solution[j], 0)
+        if depth == 0 and solution[j] == "}":
+            box = solution[i:j + 1]
+            return box[7:-1] if box.startswith("\\boxed{") else None  # "\\fbox{..}", "\\boxed 5 ... {x}": None
+    return None
+
+
 def extract_math(output):
     if "The answer is: " not in output:
         return None
@@ -103,23 +160,61 @@ def extract_math(output):
     return ans[:-1].strip() if ans.endswith(".") else ans
 
 
-def normalize_math(s):
+def mm_fix_sqrt(s):  # \sqrt3 -> \sqrt{3}; IndexError on a \sqrt at the end, as MetaMath's
+    head, *rest = s.split("\\sqrt")
+    return head + "".join("\\sqrt" + (r if r[0] == "{" else "{" + r[0] + "}" + r[1:]) for r in rest)
+
+
+def mm_fix_fracs(s):  # \frac12 -> \frac{1}{2}, \frac1{72} -> \frac{1}{72}; IndexError on "\frac" at the end
+    head, *rest = s.split("\\frac")
+    for r in rest:
+        if r[0] == "{":
+            head += "\\frac" + r
+        elif len(r) < 2:
+            return s
+        else:
+            head += "\\frac{" + r[0] + "}" + (r[1:] if r[1] == "{" else "{" + r[1] + "}" + r[2:])
+    return head
+
+
+def mm_fix_a_slash_b(s):  # "3/4" -> \frac{3}{4}; ValueError when either side is not an int ("x/2")
+    if s.count("/") != 1:
+        return s
+    a, b = (int(x) for x in s.split("/"))
+    return "\\frac{%d}{%d}" % (a, b) if s == f"{a}/{b}" else s
+
+
+def metamath_strip(s):
+    """MetaMath's util.strip_string (Hendrycks' MATH normaliser), raising where it raises."""
     for a, b in [("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"), ("\\left", ""),
                  ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")]:
         s = s.replace(a, b)
-    s = s.split("\\text{ ")[0]  # units on the right: "5 \text{ cm}" -> "5 "
+    if "\\text{ " in s:  # units on the right: "5 \text{ cm}" -> "5 "; asserts a single "\text{ "
+        s, _ = s.split("\\text{ ")
     s = s.replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
-    if s.startswith("."):
-        s = "0" + s
+    if not s:
+        return s
+    s = "0" + s if s[0] == "." else s
     if s.count("=") == 1 and len(s.split("=")[0]) <= 2:  # "x = 5" -> " 5"
         s = s.split("=")[1]
-    s = re.sub(r"\\sqrt([^{\\])", r"\\sqrt{\1}", s).replace(" ", "")
-    s = re.sub(r"\\frac([^{\\])([^{\\])", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
-    s = re.sub(r"\\frac([^{\\])\{", r"\\frac{\1}{", s)  # \frac1{72} -> \frac{1}{72}
-    if s == "0.5":  # MetaMath's one decimal rule; 0.25 vs \frac14 is left to the lenient score
-        s = "\\frac{1}{2}"
-    m = re.fullmatch(r"(-?(?:0|[1-9]\d*))/(0|[1-9]\d*)", s)
-    return "\\frac{%s}{%s}" % m.groups() if m else s
+    s = mm_fix_fracs(mm_fix_sqrt(s).replace(" ", ""))
+    return mm_fix_a_slash_b("\\frac{1}{2}" if s == "0.5" else s)
+
+
+def math_official(pred, gold):  # MetaMath's is_equiv for an extracted answer
+    if pred is None or gold is None:
+        return False
+    try:
+        return metamath_strip(pred) == metamath_strip(gold)
+    except Exception:
+        return pred == gold
+
+
+def lenient_form(s):
+    try:
+        return metamath_strip(s)
+    except Exception:
+        return s.replace(" ", "")
 
 
 def to_sympy(s):
@@ -155,11 +250,11 @@ def sympy_equal(a, b):
 
 
 def math_equal(pred, gold, timeout=5.0):
-    """Lenient: the strict match, else item by item (tuples, intervals) sympy equality within `timeout` seconds."""
-    if pred is None or normalize_math(pred) == normalize_math(gold):
-        return pred is not None
+    """Lenient: MetaMath's decision, else item by item (tuples, intervals) sympy equality within `timeout` seconds."""
+    if pred is None or gold is None or math_official(pred, gold):
+        return pred is not None and gold is not None
     # without "$" and the thousands separators of a lone number ("1,000"; "1,2" stays a pair)
-    a, b = (re.sub(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$", lambda m: m[0].replace(",", ""), normalize_math(s).replace("$", ""))
+    a, b = (re.sub(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$", lambda m: m[0].replace(",", ""), lenient_form(s).replace("$", ""))
             for s in (pred, gold))
     if len(a) > 1 and a[0] + a[-1] == b[:1] + b[-1:] and a[0] in "([":  # same brackets: compare the items
         a, b = a[1:-1], b[1:-1]
@@ -182,7 +277,7 @@ def math_equal(pred, gold, timeout=5.0):
 
 
 # -----------------------------------------------------------------------------
-# commonsense and code
+# commonsense (LLM-Adapters' extract_answer: the first answer word in the output) and code
 
 def extract_commonsense(task, output):
     m = re.search(COMMONSENSE[task], output.strip())
@@ -193,73 +288,6 @@ def extract_code(output):
     """The first ```python (or bare ```) block, unclosed blocks included; else the whole output."""
     m = re.search(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", output, re.DOTALL | re.IGNORECASE)
     return (m.group(1) if m else output).rstrip() + "\n"
-
-
-# Runs in the child before the program, best effort in the spirit of HumanEval's reliability_guard: a private
-# network namespace where the kernel allows one, no sockets, no writes outside the scratch dir, no new processes.
-# Not a security boundary against a determined attacker; the rlimits and the timeout are the backstop.
-SANDBOX = r'''
-import builtins, io, os, shutil, socket, subprocess, sys, _socket
-src, here = open("program.py").read(), os.path.realpath(os.getcwd())
-try:  # CLONE_NEWNET as root, else inside a new user namespace (mapping our own ids) where that is allowed
-    import ctypes
-    libc, uid, gid = ctypes.CDLL(None, use_errno=True), os.getuid(), os.getgid()
-    if libc.unshare(0x40000000) != 0 and libc.unshare(0x10000000 | 0x40000000) == 0:
-        for f, v in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-            with open(f"/proc/self/{f}", "w") as fh: fh.write(v)
-except Exception: pass
-def inside(p):
-    p = os.path.realpath(os.path.join(here, os.fsdecode(p))) if not isinstance(p, int) else here
-    return p == here or p.startswith(here + os.sep)
-def deny(*a, **k): raise PermissionError("not allowed in the sandbox")
-def paths_inside(f):
-    def g(*a, **k):
-        if any(isinstance(p, (str, bytes, os.PathLike)) and not inside(p) for p in a + tuple(k.values())):
-            raise PermissionError(f"{a}: outside the sandbox")
-        return f(*a, **k)
-    return g
-def writes_inside(f, writing):
-    return lambda p, mode="r", *a, **k: deny() if writing(mode) and not inside(p) else f(p, mode, *a, **k)
-builtins.open = io.open = writes_inside(open, lambda m: any(c in m for c in "wax+"))
-os.open = writes_inside(os.open, lambda fl: fl & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND))
-for n in "remove unlink rmdir mkdir makedirs removedirs rename renames replace truncate chmod chown symlink link utime mkfifo mknod".split():
-    setattr(os, n, paths_inside(getattr(os, n)))
-for n in ("system popen kill killpg fork forkpty execv execve execvp execvpe execl execle execlp execlpe spawnv spawnve "
-          "spawnvp spawnvpe spawnl spawnle spawnlp spawnlpe posix_spawn posix_spawnp chdir fchdir chroot setuid").split():
-    setattr(os, n, deny)
-shutil.rmtree = shutil.move = shutil.chown = deny
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_call = subprocess.check_output = deny
-socket.socket = socket.create_connection = socket.socketpair = socket.fromfd = _socket.socket = deny
-sys.modules.update(ctypes=None, _ctypes=None)
-exec(compile(src, "program.py", "exec"), {"__name__": "__main__"})
-'''
-
-
-def run_program(program, timeout=10.0, memory_mb=2048):
-    """Runs `program` in a fresh scratch dir in a limited child process -> {"passed", "status", "log"}."""
-    def limits():  # in the child, before exec: address space, cpu seconds, file size, no core dumps
-        for r, v in [(resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, int(timeout) + 1),
-                     (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0)]:
-            resource.setrlimit(r, (v, v))
-    scratch = tempfile.mkdtemp(prefix="eval_exec_")
-    try:
-        with open(os.path.join(scratch, "program.py"), "w") as f:
-            f.write(program)
-        env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        with open(os.path.join(scratch, "log.txt"), "wb+") as log:  # a file, not a pipe: bounded by RLIMIT_FSIZE
-            proc = subprocess.Popen([sys.executable, "-I", "-c", SANDBOX], cwd=scratch, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log, preexec_fn=limits, start_new_session=True)
-            try:
-                status = "passed" if proc.wait(timeout=timeout) == 0 else "failed"
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # its whole session: the program and anything it started
-                proc.wait()
-                status = "timeout"
-            log.seek(max(0, log.seek(0, 2) - 2000))
-            tail = log.read().decode(errors="replace")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return {"passed": status == "passed", "status": status, "log": tail}
 
 
 # -----------------------------------------------------------------------------
@@ -306,9 +334,13 @@ def make_example(task, row, path, line):
         gold = row["answer"] if "answer" in row else last_boxed(str(field(row, path, line, "solution")))
         if gold is None:
             raise EvalError(f"{path}:{line}: no \\boxed{{...}} answer in 'solution'")
-        return {"prompt": METAMATH.format(instruction=field(row, path, line, "problem")), "gold": str(gold)}
-    if task in COMMONSENSE:  # LLM-Adapters put a newline after "### Response:"
-        return {"prompt": alpaca(row, path, line) + "\n", "gold": str(field(row, path, line, "answer")).strip()}
+        # MetaMath reads its gold from the solution itself (None where its box reader fails: never correct)
+        gold_mm = metamath_gold(str(row["solution"])) if "solution" in row else str(gold)
+        return {"prompt": METAMATH.format(instruction=field(row, path, line, "problem")), "gold": str(gold),
+                "gold_metamath": gold_mm}
+    if task in COMMONSENSE:  # the instruction only, as LLM-Adapters; its label compared as it is
+        return {"prompt": LLM_ADAPTERS.format(instruction=field(row, path, line, "instruction")),
+                "gold": str(field(row, path, line, "answer"))}
     if task == "humaneval":  # WizardCoder's instruction for HumanEval
         ex = {k: field(row, path, line, k) for k in ("task_id", "prompt", "test", "entry_point")}
         return {**ex, "gold": ex["task_id"], "code_prompt": ex["prompt"],
@@ -322,13 +354,17 @@ def make_example(task, row, path, line):
 
 def score(task, output, ex, timeout=10.0):
     """One generated output -> {"extracted", "correct", "valid", ...}."""
-    if task == "gsm8k":
-        pred = extract_gsm8k(output)
-        return {"extracted": pred, "correct": gsm8k_correct(pred, ex["gold"]), "valid": pred is not None}
+    if task == "gsm8k":  # MetaMath compares float(prediction) with float(int(gold))
+        pred, strict = metamath_gsm8k(output), extract_gsm8k(output)
+        correct, correct_strict = pred is not None and pred == to_fraction(ex["gold"]), gsm8k_correct(strict, ex["gold"])
+        return {"extracted": pred, "correct": correct, "extracted_strict": strict, "correct_strict": correct_strict,
+                "valid": pred is not None, "disagree": correct != correct_strict}
     if task == "math":
         pred = extract_math(output)
-        return {"extracted": pred, "correct": pred is not None and normalize_math(pred) == normalize_math(ex["gold"]),
-                "correct_lenient": math_equal(pred, ex["gold"]), "valid": pred is not None}
+        correct = math_official(pred, ex.get("gold_metamath", ex["gold"]))
+        lenient = correct or math_equal(pred, ex["gold"])
+        return {"extracted": pred, "correct": correct, "correct_lenient": lenient, "valid": pred is not None,
+                "disagree": correct != lenient}
     if task in COMMONSENSE:
         pred = extract_commonsense(task, output)
         return {"extracted": pred, "correct": pred is not None and pred == ex["gold"], "valid": pred is not None}
@@ -337,7 +373,7 @@ def score(task, output, ex, timeout=10.0):
         program = f"{ex['code_prompt']}{code}\n\n{ex['test']}\n\ncheck({ex['entry_point']})\n"
     else:
         program = "\n".join([code, ex.get("test_setup_code") or "", *ex["test_list"]]) + "\n"
-    result = run_program(program, timeout=timeout)
+    result = sandbox.run(program, timeout=timeout)
     return {"extracted": code, "correct": result["passed"], "valid": bool(code.strip()), "status": result["status"]}
 
 
@@ -350,17 +386,21 @@ def progress(done, total, t0, what):
           end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
-def generate_all(model, tok, prompts, max_new_tokens, batch_size, stops):
-    """Greedy outputs, decoded and cut at the first stop string, in the order of `prompts`."""
+def cut(text, stops):  # up to the first stop string, as vLLM's stop= (and LLM-Adapters' split) leave it
+    return text[:min([j for j in map(text.find, stops) if j >= 0], default=len(text))]
+
+
+def generate_all(model, tok, prompts, max_new_tokens, batch_size, stops, num_beams=1):
+    """Greedy (or beam search) outputs, decoded and cut at the first stop string, in the order of `prompts`."""
     ids = [tok.encode(p, bos=True) for p in prompts]
     # longest first: similar lengths share a batch (little padding) and running out of memory shows at once
     order, outputs, t0 = sorted(range(len(ids)), key=lambda i: -len(ids[i])), [None] * len(ids), time.time()
     for b in range(0, len(order), batch_size):
         batch = order[b:b + batch_size]
-        new = model.generate([ids[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids)
+        new = model.generate([ids[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids,
+                             num_beams=num_beams)
         for i, toks in zip(batch, new):
-            text = tok.decode(toks)
-            outputs[i] = text[:min([j for j in map(text.find, stops) if j >= 0], default=len(text))]
+            outputs[i] = cut(tok.decode(toks), stops)
         progress(min(b + batch_size, len(order)), len(order), t0, "generating")
     return outputs
 
@@ -460,17 +500,23 @@ def main(argv):
         summary = {"task": task, "loss": loss, "ppl": math.exp(loss), "tokens": n_tokens, "sequences": len(seqs)}
     else:
         settings["max_new_tokens"] = max_new = cfg["max_new_tokens"] or MAX_NEW[task]
-        stops = METAMATH_STOPS if task in ("gsm8k", "math") else ALPACA_STOPS
-        outputs = generate_all(model, tok, [ex["prompt"] for ex in examples], max_new, cfg["batch_size"], stops)
+        settings["num_beams"] = NUM_BEAMS.get(task, 1)
+        stops = METAMATH_STOPS if task in ("gsm8k", "math") else COMMONSENSE_STOPS if task in COMMONSENSE else ALPACA_STOPS
+        outputs = generate_all(model, tok, [ex["prompt"] for ex in examples], max_new, cfg["batch_size"], stops,
+                               settings["num_beams"])
         for i, (ex, out) in enumerate(zip(examples, outputs)):
-            samples.append({"prompt": ex["prompt"], "output": out, "gold": ex["gold"], **score(task, out, ex, cfg["timeout"])})
+            gold_mm = {"gold_metamath": ex["gold_metamath"]} if ex.get("gold_metamath", ex["gold"]) != ex["gold"] else {}
+            samples.append({"prompt": ex["prompt"], "output": out, "gold": ex["gold"], **gold_mm,
+                            **score(task, out, ex, cfg["timeout"])})
             if task in ("humaneval", "mbpp"):
                 progress(i + 1, len(examples), t0, "running programs")
         n, correct, invalid = len(samples), sum(s["correct"] for s in samples), sum(not s["valid"] for s in samples)
         summary = {"task": task, "accuracy": correct / n, "invalid_rate": invalid / n, "n": n, "correct": correct,
                    "invalid": invalid}
-        if task == "math":  # strict (MetaMath's string match) first, lenient (sympy) second
-            summary["accuracy_lenient"] = sum(s["correct_lenient"] for s in samples) / n
+        for key in ("correct_strict", "correct_lenient"):  # gsm8k, math: the second score, and where they differ
+            if key in samples[0]:
+                summary["accuracy" + key[7:]] = sum(s[key] for s in samples) / n
+                summary["disagree"] = sum(s["disagree"] for s in samples)
         if task in ("humaneval", "mbpp"):
             summary["pass@1"] = summary["accuracy"]
             summary["status"] = {k: sum(s["status"] == k for s in samples) for k in ("passed", "failed", "timeout")}

@@ -1,7 +1,39 @@
 import os
 import sys
 
+import pytest
+
 # tests import the top-level scripts (model.py, beamlora.py, ...) as modules
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Llama with the demo's sentencepiece tokenizer: enough to run eval.py end to end."""
+    import importlib.util
+    import shutil
+
+    import torch
+    from model import Transformer
+    from tokenizer import Tokenizer
+    spec = importlib.util.spec_from_file_location("demo_prepare", os.path.join(ROOT, "data", "demo", "prepare.py"))
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    data = prep.prepare(str(tmp_path_factory.mktemp("demo")), seed=1, n_train=16, n_test=4, n_pretrain=400,
+                        vocab_size=420)
+    n_vocab = Tokenizer(os.path.join(data, "tokenizer.model")).n_words
+    cfg = dict(model_type="llama", vocab_size=n_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1,
+               eos_token_id=2)
+    torch.manual_seed(0)
+    m = Transformer.from_config(cfg)
+    with torch.no_grad():  # peaked next-token distributions: no near-ties for padding noise to flip
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(std=1.0 if p.shape[0] == n_vocab else p.shape[1] ** -0.5)
+    path = str(tmp_path_factory.mktemp("tiny"))
+    m.save_pretrained(path)
+    shutil.copy(os.path.join(data, "tokenizer.model"), path)
+    return path
