@@ -18,12 +18,15 @@ Isolation, in layers:
     with it (setsid children included). Without it a note says so once.
   - as root (CI): the program runs as a fresh unprivileged uid of its own, with no supplementary groups and
     no_new_privs, so it cannot write outside its directory, read other processes' /proc entries or signal
-    the parent; /tmp, /var/tmp and /dev/shm are private, size-limited tmpfs; a uid no other process has lets
-    the parent kill every process the program left.
-Threat model: this stops accidental and lazy model outputs (deleting files, fork loops, endless loops,
-huge allocations, exiting early to fake a pass, network calls). As root it also holds against deliberate
-escapes short of a kernel exploit. As an ordinary user the program runs as that user and can do what that
-user can (write its files); it is then not a boundary against a determined attacker.
+    the parent; /tmp, /var/tmp, /dev/shm and /run/lock are private, size-limited tmpfs; a uid no other
+    process has lets the parent kill every process the program left.
+Threat model: this stops accidental and lazy model outputs (deleting or writing files, fork loops, endless
+loops, huge allocations, exiting early to fake a pass, network calls). As root it also keeps a deliberate
+program from harming the machine or the eval, short of a kernel exploit; it can still read what any user
+can read, and code written to fake its own pass (it shares a process with the harness, so it could find
+the token) is not stopped: pass@1 is a measure for models, not for adversaries. As an ordinary user the
+program runs as that user and can do what that user can (write its files): no boundary against a
+determined attacker.
 """
 import math
 import os
@@ -65,8 +68,8 @@ def private_mounts(uid):
     need = [p for i, p in enumerate(need) if not any(p.startswith(q + "/") for q in need[:i])]
     tops = [next(p[:k] for k in [i for i, c in enumerate(p + "/") if c == "/"][1:] if not reachable(p[:k]))
             for p in need]
-    for d, size in (("/tmp", "64m"), ("/var/tmp", "16m"), ("/dev/shm", "16m")):
-        if os.path.isdir(d):  # nosuid, nodev
+    for d, size in (("/tmp", "64m"), ("/var/tmp", "16m"), ("/dev/shm", "16m"), ("/run/lock", "1m")):
+        if os.path.isdir(d) and os.stat(d).st_mode & 0o002:  # the usual world-writable ones; nosuid, nodev
             mount("tmpfs", d, "tmpfs", 6, f"size={size},nr_inodes=4096,mode=1777")
     stages = {}
     for top, p in zip(tops, need):
@@ -129,7 +132,7 @@ def setup():
         drop = root and (ok or all(reachable(p) for p in {sys.prefix, sys.base_prefix, *sys.path} if os.path.isdir(p)))
         if not ok:  # as an unprivileged uid of its own, a program's setsid children are still found and killed
             notes.append("no network or PID namespaces (`unshare` missing or not permitted): programs can reach "
-                         "the network" + ("" if drop else ", and setsid children can outlive them"))
+                         "the network and write to /tmp" + ("" if drop else ", and setsid children can outlive them"))
         if root and not drop:
             notes.append("programs run as root: this interpreter lies where an unprivileged user cannot read it "
                          "and no mount namespace is available to expose it")

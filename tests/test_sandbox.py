@@ -126,7 +126,8 @@ def run_probes(tiny_checkpoint, tmp_path, monkeypatch, outside):
         "fresh ctypes unlink": (f"import ctypes\nassert ctypes.CDLL(None).unlink({victim!r}.encode()) == 0", False),
         "socket to 127.0.0.1": (f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), "
                                 "timeout=1).sendall(b'x')", ISOLATED),
-        "raw socket": ("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)", True),
+        "raw socket": ("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).sendto("
+                       "b'\\x08\\0\\xf7\\xff\\0\\0\\0\\0', ('127.0.0.1', 0))", True),
         "parent's /proc environ": (f"print(open('/proc/{me}/environ').read())", SAFE),
         "posix.kill of the parent": (f"import os, posix\nposix.kill({me}, 9)\nposix.kill(os.getppid(), 9)", SAFE),
         "setsid child still writing": (setsid_child + "time.sleep(60)", SAFE),
