@@ -26,7 +26,7 @@ from fractions import Fraction
 
 import sandbox
 
-# train.py's Alpaca template; LLM-Adapters' commonsense prompts add a newline after "### Response:"
+# train.py's Alpaca template
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -62,7 +62,7 @@ class UsageError(EvalError):  # bad options: exit code 2
 
 # -----------------------------------------------------------------------------
 # GSM8K. accuracy: MetaMath's eval_gsm8k.py decision for decision (the BeamLoRA authors' gsm8k_infer.py is
-# the same plus a grader, see README): the first match of its regex after the last "The answer is: ",
+# the same plus a grader, docs/EVAL.md): the first match of its regex after the last "The answer is: ",
 # rounded to an integer. accuracy_strict: the first well-formed number there, compared by exact value.
 
 MM_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")  # one separator at most: "1,450,000" reads as 1450
