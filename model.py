@@ -3,7 +3,7 @@ A LLaMA / Mistral model in plain PyTorch that loads Hugging Face checkpoints dir
 
     model = Transformer.from_pretrained("path/to/Llama-2-7b-hf", device="cuda", dtype=torch.bfloat16)
     logits = model(input_ids)                       # (B, T, vocab)
-    logits, loss = model(input_ids, targets)        # targets: -100 = no loss
+    loss_sum = model(input_ids, targets=targets)    # summed over targets != -100, no full logits held
     new_tokens = model.generate([[1, 415, 2936], [1, 22557]], max_new_tokens=64)
 
 Module and parameter names are the HF ones (model.layers.0.self_attn.q_proj.weight, ...), so a

@@ -210,7 +210,7 @@ PARAGRAPH = ("Water is one of the most important substances on Earth. It covers 
 def perplexity(model, ids):
     x = torch.tensor([ids])
     with torch.no_grad():
-        return math.exp(model(x[:, :-1], x[:, 1:])[1].item())
+        return math.exp(model(x[:, :-1], targets=x[:, 1:]).item() / (len(ids) - 1))  # the summed loss
 
 
 @needs_package
