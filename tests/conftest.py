@@ -37,3 +37,11 @@ def tiny_checkpoint(tmp_path_factory):
     m.save_pretrained(path)
     shutil.copy(os.path.join(data, "tokenizer.model"), path)
     return path
+
+
+def free_port():
+    """A TCP port nobody listens on now: torchrun tests running side by side must not share one."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

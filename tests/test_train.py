@@ -12,7 +12,7 @@ import torch
 
 import beamlora
 import train
-from conftest import ROOT
+from conftest import ROOT, free_port
 from model import Transformer, load_safetensors
 from tokenizer import Tokenizer
 
@@ -176,7 +176,7 @@ def test_ddp_two_processes_match_one(base, demo_data, tmp_path):
     (tmp_path / "ddp_config.py").write_text("".join(f"{k} = {cfg[k]!r}\n" for k in keys))
     args = [str(tmp_path / "ddp_config.py")]  # a config file, as users run it (torchrun would eat --r=4)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                            os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
