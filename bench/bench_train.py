@@ -158,9 +158,12 @@ class Run:
         return {n: (mod.lora_A, mod.lora_B) for n, mod in beamlora.lora_modules(self.model).items()}
 
     def step(self, x, y, n_tgt):
-        with self.ctx:
-            logits = self.model(input_ids=x, use_cache=False).logits if self.hf else self.model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        with self.ctx:  # each side's own way to the summed loss: ours is train.py's (model.lm_loss)
+            if self.hf:
+                logits = self.model(input_ids=x, use_cache=False).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+            else:
+                loss = self.model(x, targets=y)
         (loss / n_tgt).backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
