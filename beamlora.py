@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dora
 from model import load_safetensors, save_safetensors
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -31,8 +32,8 @@ class LoRALinear(nn.Module):
     The other methods of the comparison fill in three seams of this one layer, each in its own file:
       gate                   a small module whose forward() gives the per-rank scale s (r,) between B and A:
                              BeamLoRA's Score below, LR-LoRA's rank mask, AdaLoRA's singular values; None: s = 1
-      lora_A, lora_B, W0     an initialisation may rewrite them after construction (PiSSA, MiLoRA)
-      lora_magnitude_vector  DoRA's magnitude, which rescales the whole output (None: plain LoRA)
+      lora_A, lora_B, W0     an initialisation may rewrite them after construction (PiSSA, MiLoRA: pissa.py)
+      lora_magnitude_vector  DoRA's magnitude m (out,), which rescales each output row (dora.py; None: plain LoRA)
     Export and merge only need folded_A(): whatever s there is goes into A.
     """
 
@@ -55,6 +56,9 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.gate = None
         self.lora_magnitude_vector = None
+        # PiSSA / MiLoRA (pissa.py) move part of W0 into A, B; their initial values (cpu, fp32) let
+        # export write an adapter for the original W0
+        self.lora_A0 = self.lora_B0 = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def rank_scale(self):
@@ -63,11 +67,15 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        xd = self.dropout(x)  # the same tensor as x when there is no dropout (or in eval)
+        h = F.linear(xd.to(self.lora_A.dtype), self.lora_A)  # (..., r)
         # scaling (and the gate's s) multiply the r-wide h rather than the out-wide B h: same result, cheaper
         s = self.rank_scale()
         h = h * (self.scaling if s is None else self.scaling * s)
-        return y + F.linear(h, self.lora_B).to(y.dtype)
+        lora = F.linear(h, self.lora_B)  # (..., out)
+        if self.lora_magnitude_vector is not None:  # DoRA rescales each output row (dora.py)
+            return dora.forward(self, x, xd, y, lora)
+        return y + lora.to(y.dtype)
 
     def folded_A(self):
         """A' = diag(s) A: the plain-LoRA A that gives this layer's output (section 1)."""
@@ -361,50 +369,64 @@ def peft_scaling(alpha, r, rslora):
 
 
 @torch.no_grad()
-def peft_factors(m, rank=None):
-    """(A (k, in), B (out, k)) fp32: the plain LoRA this layer equals under PEFT's scaling for rank k.
+def peft_factors(m, rank=None, alpha=None):
+    """(A (k, in), B (out, k)) fp32: the plain LoRA this layer equals under PEFT's scaling for rank k
+    and `alpha` (default: the layer's), applied to the original W0.
     The gate's s is folded into A; ranks whose s is exactly 0 (pruned by LR-LoRA, AdaLoRA, ...) are
-    dropped; `rank` pads with zero ranks to that uniform rank instead. PEFT scales by alpha / k, so
-    A also carries our scaling / PEFT's whenever k differs from the layer's r."""
+    dropped; `rank` pads with zero ranks to that uniform rank instead. PiSSA / MiLoRA trained
+    W0 - scaling B0 A0 + scaling B A: for the original W0 that is [B, -B0] [A; A0] (2r ranks, as PEFT
+    converts them). PEFT scales by alpha / k, so A also carries our scaling / PEFT's where they differ."""
     A, B = m.folded_A().float(), m.lora_B.float()
     s = m.rank_scale()
     if s is not None and bool((s == 0).any()):
         keep = (s != 0).nonzero().flatten()
         A, B = A[keep], B[:, keep]
+    if m.lora_A0 is not None:
+        A = torch.cat([A, m.lora_A0.to(A)])
+        B = torch.cat([B, -m.lora_B0.to(B)], dim=1)
     k = max(1, len(A)) if rank is None else rank
     if k < len(A):
         raise ValueError(f"rank={rank}: the adapter has a module with {len(A)} ranks")
     if k > len(A):  # zero ranks add nothing: a module that kept none still has the shape PEFT expects
         A = torch.cat([A, A.new_zeros(k - len(A), A.shape[1])])
         B = torch.cat([B, B.new_zeros(B.shape[0], k - B.shape[1])], dim=1)
-    if k != m.r:
-        A = A * (m.scaling / peft_scaling(m.alpha, k, m.rslora))
+    ratio = m.scaling / peft_scaling(m.alpha if alpha is None else alpha, k, m.rslora)
+    if ratio != 1:
+        A = A * ratio
     return A.cpu().contiguous(), B.cpu().contiguous()
 
 
 @torch.no_grad()
 def export_peft(model, out_dir, base_model_name_or_path=None, uniform_rank=0):
-    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors), s folded into A. Modules
-    that end with different ranks get PEFT's rank_pattern; uniform_rank > 0 pads every module to that
-    rank with zero ranks instead (for servers that need one rank, e.g. vLLM)."""
+    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for the original base
+    checkpoint, s folded into A. Modules that end with different ranks get PEFT's rank_pattern;
+    uniform_rank > 0 pads every module to that rank with zero ranks instead (for servers that need one
+    rank, e.g. vLLM). DoRA: PEFT's DoRA format (use_dora, `...lora_magnitude_vector` tensors).
+    PiSSA / MiLoRA: a plain LoRA of rank 2r with alpha doubled (x sqrt 2 under rsLoRA), which keeps
+    the scaling, as PEFT's own conversion writes it."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA modules to export")
     first = next(iter(mods.values()))
-    if len({(m.alpha, m.rslora, m.dropout_p) for m in mods.values()}) > 1:
-        raise ValueError("export_peft: the LoRA modules differ in alpha, rslora or dropout")
+    kinds = {(m.alpha, m.rslora, m.dropout_p, m.lora_magnitude_vector is None, m.lora_A0 is None) for m in mods.values()}
+    if len(kinds) > 1:
+        raise ValueError("export_peft: the LoRA modules differ in alpha, rslora, dropout, DoRA or PiSSA")
+    alpha = first.alpha if first.lora_A0 is None else first.alpha * (math.sqrt(2) if first.rslora else 2)
     os.makedirs(out_dir, exist_ok=True)
     tensors, ranks = {}, {}
     for name, m in mods.items():
-        A, B = peft_factors(m, uniform_rank or None)
+        A, B = peft_factors(m, uniform_rank or None, alpha)
         tensors[peft_key(name, "lora_A")], tensors[peft_key(name, "lora_B")] = A, B
+        if m.lora_magnitude_vector is not None:  # PEFT's file key has no ".weight"
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().float().cpu()
         ranks[name] = len(A)
     save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     r = max(ranks.values())
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": first.alpha,
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
               "rank_pattern": {n: k for n, k in ranks.items() if k != r},
               "lora_dropout": first.dropout_p, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": first.rslora, "use_dora": False,
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": first.rslora,
+              "use_dora": first.lora_magnitude_vector is not None,
               "inference_mode": True, "modules_to_save": None,
               "base_model_name_or_path": str(base_model_name_or_path) if base_model_name_or_path else None}
     atomic_json(config, os.path.join(out_dir, "adapter_config.json"))
@@ -412,11 +434,14 @@ def export_peft(model, out_dir, base_model_name_or_path=None, uniform_rank=0):
 
 @torch.no_grad()
 def merge_lora(model):
-    """W = W0 + scaling * B A' into each wrapped linear, which becomes a plain nn.Linear again."""
+    """W = W0 + scaling * B A' (DoRA: then m / ||W||_row * W) into each wrapped linear, which becomes a
+    plain nn.Linear again."""
     for name, m in lora_modules(model).items():
-        delta = m.scaling * (m.lora_B.float() @ m.folded_A().float())  # (out, in)
+        w = torch.addmm(m.weight.float(), m.lora_B.float(), m.folded_A().float(), alpha=m.scaling)  # (out, in)
+        if m.lora_magnitude_vector is not None:
+            w = dora.merged_weight(m, w)
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        lin.weight = nn.Parameter((m.weight.float() + delta).to(m.weight.dtype), requires_grad=False)
+        lin.weight = nn.Parameter(w.to(m.weight.dtype), requires_grad=False)
         if m.bias is not None:
             lin.bias = m.bias
         parent_name, _, child = name.rpartition(".")
@@ -433,7 +458,7 @@ def pattern_value(pattern, name, default):
 
 
 def load_adapter(model, adapter_dir, dtype=torch.float32):
-    """Load a PEFT-format LoRA adapter (ours or any from elsewhere) onto our model, unmerged."""
+    """Load a PEFT-format LoRA or DoRA adapter (ours or any from elsewhere) onto our model, unmerged."""
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     st_path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(cfg_path):
@@ -449,25 +474,33 @@ def load_adapter(model, adapter_dir, dtype=torch.float32):
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path}: not a JSON object")
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-        raise ValueError(f"{cfg_path}: only LoRA adapters are supported (peft_type LORA, no DoRA)")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: only LoRA adapters are supported (peft_type LORA, with or without DoRA)")
+    use_dora = bool(cfg.get("use_dora"))
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
             raise ValueError(f"{cfg_path}: {key!r} must be a positive number, got {cfg.get(key)!r}")
     tensors = load_safetensors(st_path)
-    # keys: base_model.model.<module>.lora_A.weight (PEFT may also write ".default" before ".weight")
-    pat = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+    # keys: base_model.model.<module>.lora_A.weight (PEFT may also write ".default" before ".weight");
+    # DoRA adds base_model.model.<module>.lora_magnitude_vector (older PEFT: ...lora_magnitude_vector.weight)
+    pat = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(\.weight)?$")
     found = {}
     for key, t in tensors.items():
         mt = pat.match(key)
-        if not mt:
-            raise ValueError(f"{st_path}: unexpected tensor {key} (only lora_A / lora_B weights are supported)")
+        magnitude = bool(mt) and mt.group(2) == "lora_magnitude_vector"
+        if not mt or (magnitude and not use_dora) or (not magnitude and not mt.group(3)):
+            raise ValueError(f"{st_path}: unexpected tensor {key} (only lora_A / lora_B weights"
+                             + (" and lora_magnitude_vector" if use_dora else "") + " are supported)")
         found.setdefault(mt.group(1), {})[mt.group(2)] = t
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    want = {"lora_A", "lora_B", "lora_magnitude_vector"} if use_dora else {"lora_A", "lora_B"}
     shapes = {}
     for name, ab in found.items():
-        if name not in linears or set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{st_path}: {name} is not a linear of this model or lacks lora_A/lora_B")
+        if name not in linears or set(ab) != want:
+            raise ValueError(f"{st_path}: {name} is not a linear of this model or lacks one of {', '.join(sorted(want))}")
+        if use_dora and ab["lora_magnitude_vector"].shape != (linears[name].out_features,):
+            raise ValueError(f"{st_path}: {name}.lora_magnitude_vector has shape {tuple(ab['lora_magnitude_vector'].shape)}, "
+                             f"expected ({linears[name].out_features},)")
         base, r = linears[name], int(pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
         if ab["lora_A"].shape != (r, base.in_features) or ab["lora_B"].shape != (base.out_features, r):
             raise ValueError(f"{st_path}: {name} has shapes {tuple(ab['lora_A'].shape)}, {tuple(ab['lora_B'].shape)}; "
@@ -482,6 +515,8 @@ def load_adapter(model, adapter_dir, dtype=torch.float32):
         m.lora_B.data.copy_(ab["lora_B"])
         m.lora_A.requires_grad_(False)
         m.lora_B.requires_grad_(False)
+        if use_dora:
+            m.lora_magnitude_vector = nn.Parameter(ab["lora_magnitude_vector"].to(dtype), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, m)
     return model

@@ -1,6 +1,6 @@
 """
-Fine-tune a LLaMA / Mistral checkpoint with BeamLoRA, LoRA or full fine-tuning. One loop for CPU,
-one GPU, or many under torchrun (DDP).
+Fine-tune a LLaMA / Mistral checkpoint with BeamLoRA, LoRA, DoRA, PiSSA, MiLoRA or full fine-tuning.
+One loop for CPU, one GPU, or many under torchrun (DDP).
 
     python train.py                                      # the offline demo (demo.py), no arguments
     python train.py config/llama2_7b_metamath_beamlora.py --micro_batch_size=2
@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 import beamlora
+import pissa
+from dora import add_magnitudes  # the module; the --dora flag below takes the name "dora"
 from configurator import ConfigError, parse_args
 from model import Transformer
 from tokenizer import Tokenizer
@@ -45,12 +47,13 @@ data = ""  # training data: .jsonl instruction data, or .txt plain text (loss on
 val_data = ""  # held-out data in the same format: loss reported at eval_interval and at the end
 data_format = "metamathqa"  # metamathqa (query/response) | alpaca | gsm8k (question/answer) | chat (messages)
 max_len = 512  # tokens per example; longer ones are truncated (and counted)
-method = "beamlora"  # full | lora | beamlora
+method = "beamlora"  # full | lora | beamlora | dora | pissa | milora (docs/README.md)
 targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 r = 64
 alpha = 128.0  # the paper's runs: alpha = 2r
 dropout = 0.05
 rslora = False  # scaling alpha / sqrt(r) instead of alpha / r (rsLoRA), for any LoRA-family method
+dora = False  # DoRA's magnitude and direction (dora.py) on any LoRA-family method: --method=beamlora --dora
 export_rank = 0  # > 0: pad every module of the exported adapter to this rank (servers that need one rank)
 tau = 0.05  # temperature of the rank scores (the authors use 0.03 when lr < 1e-4)
 dt = 0  # steps between prune/expand operations (0: total_steps // 12, rounded to even)
@@ -245,6 +248,8 @@ def check_config(cfg):
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"--{key}={cfg[key]}: must be one of {', '.join(allowed)}")
+    if cfg["dora"] and cfg["method"] == "full":
+        raise ConfigError("--dora: needs a LoRA-family --method, not full")
     if bool(cfg["init_from"]) == bool(cfg["model_config"]):
         raise ConfigError("give exactly one of --init_from (an HF checkpoint dir) or --model_config (a config.json)")
     if not 0 < cfg["p_init"] < 1:
@@ -258,7 +263,7 @@ def check_config(cfg):
             raise ConfigError(f"{cfg[key]}: data file missing or empty")
 
 
-METHODS = ("full", "lora", "beamlora")  # --method: each one's layer in wrap, its controller in make_controller
+METHODS = ("full", "lora", "beamlora", "dora", "pissa", "milora")  # --method: each one's layer in wrap, its controller in make_controller
 
 
 def wrap(model, cfg):
@@ -269,6 +274,10 @@ def wrap(model, cfg):
                                dropout=cfg["dropout"], rslora=cfg["rslora"], dtype=torch.float32)
     if cfg["method"] == "beamlora":
         beamlora.add_scores(mods, cfg["tau"])
+    if cfg["method"] in ("pissa", "milora") and not cfg["resume"]:  # on resume pissa.Init rebuilds W0 from ckpt.pt
+        pissa.init(mods, minor=cfg["method"] == "milora", verbose=int(os.environ.get("RANK", 0)) == 0)
+    if cfg["method"] == "dora" or cfg["dora"]:
+        add_magnitudes(mods)
     return mods
 
 
@@ -289,6 +298,8 @@ def make_controller(mods, optimizer, cfg, total):
             end_step=cfg["end_step"] or (2 * total) // 3, total_steps=total, scope=cfg["scope"],
             no_expand=cfg["no_expand"], random_assess=cfg["random_assess"], static_p=cfg["static_p"],
             no_history=cfg["no_history"], inherit_moments=cfg["inherit_moments"], seed=cfg["seed"])
+    if cfg["method"] in ("pissa", "milora"):
+        return pissa.Init(mods)  # A0, B0 into ckpt.pt
     return None
 
 

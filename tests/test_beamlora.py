@@ -574,7 +574,7 @@ def test_load_peft_adapter_with_rank_and_alpha_patterns(tmp_path):
 
 @pytest.mark.parametrize("change, message", [({"r": None}, "'r' must be a positive number"),
                                              ({"lora_alpha": "lots"}, "'lora_alpha' must be"),
-                                             ({"use_dora": True}, "no DoRA")])
+                                             ({"use_dora": True}, "lacks one of .*lora_magnitude_vector")])
 def test_load_adapter_bad_config_values(tmp_path, change, message):
     from model import Transformer
     base = hf_checkpoint(tmp_path)

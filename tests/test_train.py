@@ -201,7 +201,8 @@ def test_ddp_two_processes_match_one(base, demo_data, tmp_path):
     (dict(r=1000), "r=1000 does not fit"),
     (dict(p_init=1.5), "--p_init=1.5"),
     (dict(dt=1), "--dt=1"),
-    (dict(method="dora"), "--method=dora"),
+    (dict(method="vera"), "--method=vera"),
+    (dict(method="full", dora=True), "--dora: needs a LoRA-family --method"),
     (dict(batch_size=6), "--batch_size=6 must be a multiple"),
 ])
 def test_bad_config(base, demo_data, tmp_path, change, message):
