@@ -126,6 +126,38 @@ def test_resume_equals_uninterrupted(base, demo_data, tmp_path):
     assert any(len(m["pruned"]) >= 2 for m in json.loads(ev(tmp_path / "full").splitlines()[1])["modules"].values())
 
 
+def test_resume_beamlora_dora(base, demo_data, tmp_path):
+    # dt = 4: snapshots at 2, 6, operations at 4, 8; stopped at 7, between the snapshot and its operation
+    kw = dict(max_steps=12, dropout=0.1, p_init=0.6, end_step=12, dora=True)
+    full = train.train(cfg_for(base, demo_data, tmp_path / "full", **kw))
+    part = train.train(cfg_for(base, demo_data, tmp_path / "part", stop_after=7, **kw))
+    rest = train.train(cfg_for(base, demo_data, tmp_path / "part", resume=True, **kw))
+    assert part["losses"] + rest["losses"] == full["losses"]
+    a = load_safetensors(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_safetensors(str(tmp_path / "part" / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ev = lambda d: open(d / "events.jsonl").read()  # noqa: E731
+    assert ev(tmp_path / "full") == ev(tmp_path / "part") and ev(tmp_path / "full").count("\n") == 2
+
+
+def test_resume_pissa_without_svd(base, demo_data, tmp_path, monkeypatch):
+    # the residual W0 - scaling B0 A0 is rebuilt from A0, B0 in ckpt.pt: no SVD on resume, same bits
+    kw = dict(method="pissa", max_steps=6, dropout=0.1, lr=1e-3)
+    full = train.train(cfg_for(base, demo_data, tmp_path / "full", **kw))
+    part = train.train(cfg_for(base, demo_data, tmp_path / "part", stop_after=3, **kw))
+
+    def no_svd(*a, **k):
+        raise AssertionError("resume redid the SVD")
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    rest = train.train(cfg_for(base, demo_data, tmp_path / "part", resume=True, **kw))
+    assert part["losses"] + rest["losses"] == full["losses"] and full["losses"][-1] < full["losses"][0]
+    a = load_safetensors(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_safetensors(str(tmp_path / "part" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(tmp_path / "part" / "adapter" / "adapter_config.json"))["r"] == 2 * 4
+
+
 def test_lora_and_full_methods(base, demo_data, tmp_path):
     res = train.train(cfg_for(base, demo_data, tmp_path / "lora", method="lora", max_steps=6))
     assert not os.path.exists(tmp_path / "lora" / "events.jsonl") and res["losses"][-1] < res["losses"][0]
@@ -167,12 +199,13 @@ def test_gradient_checkpointing_trains_adapters(base):
         assert grads[0][n].abs().sum() > 0 and torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
 
 
-def test_ddp_two_processes_match_one(base, demo_data, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"dora": True}], ids=["beamlora", "beamlora+dora"])
+def test_ddp_two_processes_match_one(base, demo_data, tmp_path, extra):
     """torchrun, gloo, 2 processes x micro-batch 2 = one process x micro-batch 4: same losses and adapter."""
-    single = train.train(cfg_for(base, demo_data, tmp_path / "one", max_steps=8, dropout=0.0))
-    cfg = cfg_for(base, demo_data, tmp_path / "two", max_steps=8, micro_batch_size=2)
+    single = train.train(cfg_for(base, demo_data, tmp_path / "one", max_steps=8, dropout=0.0, **extra))
+    cfg = cfg_for(base, demo_data, tmp_path / "two", max_steps=8, micro_batch_size=2, **extra)
     keys = ("init_from", "data", "out_dir", "r", "alpha", "max_len", "batch_size", "micro_batch_size", "max_steps",
-            "dt", "p_init", "lr", "dtype", "device", "log_interval", "seed", "dropout")
+            "dt", "p_init", "lr", "dtype", "device", "log_interval", "seed", "dropout", "dora")
     (tmp_path / "ddp_config.py").write_text("".join(f"{k} = {cfg[k]!r}\n" for k in keys))
     args = [str(tmp_path / "ddp_config.py")]  # a config file, as users run it (torchrun would eat --r=4)
     env = dict(os.environ, OMP_NUM_THREADS="1")
