@@ -7,6 +7,8 @@ whole blocks of steps (METHOD_OPTIONS makes each method act often, as a worst ca
 
     python bench/bench_methods.py                                        # the default methods, both shapes
     python bench/bench_methods.py --methods=lora,beamlora --shapes=small --repeats=3
+    python bench/bench_methods.py --methods=lora,dora,beamlora+dora      # "+flag": a bool option of train.py
+    python bench/bench_methods.py --methods=lora,dora,peft:lora,peft:dora   # with transformers + PEFT as a reference
     python bench/bench_methods.py --threads=1                            # when other jobs share the cores
 
 Step times are medians over interleaved repeats in one process; the ratio to LoRA is the median
@@ -34,7 +36,8 @@ from bench_train import SHAPES, make_batch, peak_rss, write_checkpoint  # noqa: 
 from configurator import ConfigError, parse_args  # noqa: E402
 
 DEFAULTS = dict(
-    methods="lora,beamlora",  # train.py --method names; the first is the reference (LoRA)
+    methods="lora,beamlora,dora,pissa,milora,beamlora+dora",  # train.py --method names (+ a bool flag such as
+    # +dora: --method=beamlora --dora); the first is the reference (LoRA)
     shapes="small,big",  # bench_train.py's CPU shapes
     targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     r=16,
@@ -55,14 +58,22 @@ METHOD_OPTIONS = {
 }
 
 
+def method_options(name):
+    """'beamlora+dora' -> train.py's {method: beamlora, dora: True}, plus the method's METHOD_OPTIONS."""
+    method, *flags = name.split("+")
+    return dict(METHOD_OPTIONS.get(method, {}), method=method, **{f: True for f in flags})
+
+
 class Run:
     """One method on a fresh copy of the base: train.py's model, optimizer and controller."""
 
     def __init__(self, method, spec, path):
         from model import Transformer
-        self.method, self.t = method, 0
-        self.cfg = dict(train.DEFAULTS, method=method, r=spec["r"], alpha=spec["alpha"], dropout=0.0, lr=spec["lr"],
-                        targets=spec["targets"], device="cpu", dtype="float32", **METHOD_OPTIONS.get(method, {}))
+        self.method, self.t, self.hf = method, 0, method.startswith("peft:")
+        if self.hf:  # a reference: transformers + PEFT on the same checkpoint, the same optimizer
+            return self.peft_run(method, spec, path)
+        self.cfg = dict(train.DEFAULTS, r=spec["r"], alpha=spec["alpha"], dropout=0.0, lr=spec["lr"],
+                        targets=spec["targets"], device="cpu", dtype="float32", **method_options(method))
         torch.manual_seed(0)
         self.model = Transformer.from_pretrained(path)
         mods = train.wrap(self.model, self.cfg)
@@ -74,10 +85,24 @@ class Run:
         self.lr_factor = getattr(self.ctl, "lr_factor", lambda t: 1.0)
         self.events = 0
 
+    def peft_run(self, method, spec, path):
+        import peft
+        from transformers import LlamaForCausalLM
+        torch.manual_seed(0)
+        self.model = peft.get_peft_model(LlamaForCausalLM.from_pretrained(path), peft.LoraConfig(
+            r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=spec["targets"].split(","),
+            use_dora=method == "peft:dora"))
+        self.model.train()
+        self.cfg = dict(train.DEFAULTS, lr=spec["lr"])
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = train.make_optimizer(self.params, self.cfg)
+        self.ctl, self.penalty, self.lr_factor, self.events = None, None, lambda t: 1.0, 0
+
     def step(self, x, y, n_tgt):
         for g in self.opt.param_groups:
             g["lr"] = self.cfg["lr"] * self.lr_factor(self.t)
-        loss = F.cross_entropy(self.model(x).float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        logits = self.model(input_ids=x, use_cache=False).logits if self.hf else self.model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
         obj = loss / n_tgt + (self.penalty() if self.penalty is not None else 0)
         obj.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -127,6 +152,9 @@ def bench_shape(name, cfg, path):
 
 def child(spec):
     import model  # noqa: F401  (the same imports on every side: the baseline RSS is comparable)
+    if spec["method"].startswith("peft:"):  # and the reference's own libraries before the baseline too
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     try:  # restart the high-water mark here: the imports' transient peak can exceed a small model's footprint
@@ -174,7 +202,13 @@ def main(argv):
         torch.set_num_threads(cfg["threads"])
     methods = cfg["methods"].split(",")
     for m in methods:
-        train.check_config(dict(train.DEFAULTS, method=m, init_from="x", data=__file__))  # an unknown method: one line
+        if m.startswith("peft:"):
+            if m not in ("peft:lora", "peft:dora"):
+                raise ConfigError(f"--methods: {m!r}: the PEFT references are peft:lora and peft:dora")
+            continue
+        if any(not isinstance(train.DEFAULTS.get(f), bool) for f in m.split("+")[1:]):
+            raise ConfigError(f"--methods: {m!r}: what follows '+' must be a bool option of train.py (e.g. dora)")
+        train.check_config(dict(train.DEFAULTS, init_from="x", data=__file__, **method_options(m)))  # one line
     rows = []
     for name in cfg["shapes"].split(","):
         if name not in SHAPES:
