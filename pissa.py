@@ -74,6 +74,9 @@ class Init:
     def load_state_dict(self, state):
         """On resume: the model holds the original W0 (train.wrap skips the SVD then); take A0, B0 from
         the checkpoint and subtract them exactly as init did."""
+        if not isinstance(state, dict) or not {"A0", "B0"} <= set(state):
+            raise ValueError("the checkpoint holds no PiSSA/MiLoRA initial adapters (A0, B0): "
+                             "was it written with another --method?")
         if set(state["A0"]) != set(self.modules) or set(state["B0"]) != set(self.modules):
             raise ValueError("the checkpoint's PiSSA/MiLoRA initial adapters are for other modules than this run's")
         for n, m in self.modules.items():

@@ -375,3 +375,5 @@ def test_pissa_init_state_rebuilds_the_residual_bit_for_bit(base):
         assert torch.equal(mods2[n].weight, mods[n].weight) and torch.equal(mods2[n].lora_A0, mods[n].lora_A0)
     with pytest.raises(ValueError, match="other modules"):
         ctl.load_state_dict({"A0": {}, "B0": {}})
+    with pytest.raises(ValueError, match="no PiSSA/MiLoRA initial adapters"):
+        ctl.load_state_dict({"gen": None, "snapshot": None})  # a BeamLoRA controller's state
