@@ -32,6 +32,14 @@ batch = 4
 threads = 1
 
 
+def load_prepare():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prep", os.path.join(ROOT, "models", "smollm2", "prepare.py"))
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    return prep
+
+
 def child(which, gguf, out):
     """In a fresh process: convert (ours) or load (transformers); print seconds and peak RSS."""
     import torch
@@ -40,11 +48,7 @@ def child(which, gguf, out):
     base = peak_rss_gib()
     t = time.perf_counter()
     if which == "ours":
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("prep", os.path.join(ROOT, "models", "smollm2", "prepare.py"))
-        prep = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(prep)
-        prep.convert(gguf, out)
+        load_prepare().convert(gguf, out)
     else:
         import transformers
         transformers.logging.disable_progress_bar()
@@ -62,11 +66,7 @@ def run_child(which, gguf, out):
 def main():
     import torch
     torch.set_num_threads(threads)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prep", os.path.join(ROOT, "models", "smollm2", "prepare.py"))
-    prep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prep)
-    gguf = prep.package_gguf()
+    gguf = load_prepare().package_gguf()
     print(f"{gguf} ({os.path.getsize(gguf) / 2**20:.0f} MiB), torch threads {threads}, repeats {repeats}")
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "SmolLM2-135M-Instruct")
