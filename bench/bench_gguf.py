@@ -121,8 +121,8 @@ def main():
                                                    dtype=torch.float32).eval()
         x = torch.tensor([tok.encode(PARAGRAPH)])
         with torch.no_grad():
-            la, loss = ours(x[:, :-1], x[:, 1:])
-            lb = ref(x[:, :-1]).logits
+            la, lb = ours(x[:, :-1]), ref(x[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(la[0], x[0, 1:])
         print(f"whole file: max |logits ours - transformers' GGUF load| = {(la - lb).abs().max().item():.2e} over "
               f"{x.shape[1] - 1} positions; perplexity {math.exp(loss.item()):.2f} on the {x.shape[1]}-token paragraph")
 
