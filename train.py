@@ -30,6 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import adalora
 import beamlora
 import pissa
 from dora import add_magnitudes  # the module; the --dora flag below takes the name "dora"
@@ -47,7 +48,7 @@ data = ""  # training data: .jsonl instruction data, or .txt plain text (loss on
 val_data = ""  # held-out data in the same format: loss reported at eval_interval and at the end
 data_format = "metamathqa"  # metamathqa (query/response) | alpaca | gsm8k (question/answer) | chat (messages)
 max_len = 512  # tokens per example; longer ones are truncated (and counted)
-method = "beamlora"  # full | lora | beamlora | dora | pissa | milora (docs/README.md)
+method = "beamlora"  # full | lora | beamlora | dora | pissa | milora | adalora (docs/README.md)
 targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 r = 64
 alpha = 128.0  # the paper's runs: alpha = 2r
@@ -66,6 +67,15 @@ static_p = False
 no_history = False
 inherit_moments = "history"  # history: pruned ranks get the sources' historical AdamW moments (the paper's text);
 # keep: they keep their own, what the authors' code executes (docs/BEAMLORA.md, section 4)
+# AdaLoRA (docs/ADALORA.md): --r is the final average rank, the budget r x modules that LoRA has at r
+init_r = 0  # ranks per module at the start (0: 3r/2, the AdaLoRA paper's b(0) = 1.5 b(T))
+tinit = -1  # steps at init_r before the budget falls (-1: a tenth of the steps)
+tfinal = -1  # last steps with the final ranks fixed (-1: a third of the steps)
+deltaT = 10  # steps between maskings while the budget falls
+ipt_beta1 = 0.85  # EMA of the sensitivity |w * grad|
+ipt_beta2 = 0.85  # EMA of its uncertainty
+orth_reg_weight = 0.1  # orthogonality penalty on A and B (the authors' scripts; PEFT's default is 0.5)
+orth = "code"  # code: mean of ||A A^T - I||_F over the matrices (PEFT, authors' code); paper: sum of squares
 epochs = 3
 max_steps = 0  # 0: epochs over the data
 batch_size = 32  # global batch, in examples, over all processes and accumulation steps
@@ -243,13 +253,15 @@ def heldout_loss(model, examples, cfg, ctx):
 
 def check_config(cfg):
     choices = {"method": METHODS, "scope": ("global", "module"), "schedule": ("cosine", "linear"),
-               "inherit_moments": ("history", "keep"),
+               "inherit_moments": ("history", "keep"), "orth": ("code", "paper"),
                "dtype": ("float32", "bfloat16", "float16"), "data_format": ("metamathqa", "alpaca", "gsm8k", "chat")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"--{key}={cfg[key]}: must be one of {', '.join(allowed)}")
     if cfg["dora"] and cfg["method"] == "full":
         raise ConfigError("--dora: needs a LoRA-family --method, not full")
+    if cfg["dora"] and cfg["method"] == "adalora":
+        raise ConfigError(f"--dora: not with --method={cfg['method']} (PEFT has no such combination to test against)")
     if bool(cfg["init_from"]) == bool(cfg["model_config"]):
         raise ConfigError("give exactly one of --init_from (an HF checkpoint dir) or --model_config (a config.json)")
     if not 0 < cfg["p_init"] < 1:
@@ -263,14 +275,16 @@ def check_config(cfg):
             raise ConfigError(f"{cfg[key]}: data file missing or empty")
 
 
-METHODS = ("full", "lora", "beamlora", "dora", "pissa", "milora")  # --method: each one's layer in wrap, its controller in make_controller
+# --method: each one's layer in wrap, its controller in make_controller
+METHODS = ("full", "lora", "beamlora", "dora", "pissa", "milora", "adalora")
 
 
 def wrap(model, cfg):
     """The method's layers: LoRA on the target linears, then what the method adds to each. -> {name: module}"""
     if cfg["method"] == "full":
         return {}
-    mods = beamlora.apply_lora(model, cfg["targets"].split(","), r=cfg["r"], alpha=cfg["alpha"],
+    rank = (cfg["init_r"] or 3 * cfg["r"] // 2) if cfg["method"] == "adalora" else cfg["r"]  # the layers' r
+    mods = beamlora.apply_lora(model, cfg["targets"].split(","), r=rank, alpha=cfg["alpha"],
                                dropout=cfg["dropout"], rslora=cfg["rslora"], dtype=torch.float32)
     if cfg["method"] == "beamlora":
         beamlora.add_scores(mods, cfg["tau"])
@@ -278,6 +292,8 @@ def wrap(model, cfg):
         pissa.init(mods, minor=cfg["method"] == "milora", verbose=int(os.environ.get("RANK", 0)) == 0)
     if cfg["method"] == "dora" or cfg["dora"]:
         add_magnitudes(mods)
+    if cfg["method"] == "adalora":
+        adalora.add_svd(mods)
     return mods
 
 
@@ -300,6 +316,11 @@ def make_controller(mods, optimizer, cfg, total):
             no_history=cfg["no_history"], inherit_moments=cfg["inherit_moments"], seed=cfg["seed"])
     if cfg["method"] in ("pissa", "milora"):
         return pissa.Init(mods)  # A0, B0 into ckpt.pt
+    if cfg["method"] == "adalora":
+        return adalora.AdaController(
+            mods, target_r=cfg["r"], tinit=cfg["tinit"] if cfg["tinit"] >= 0 else total // 10,
+            tfinal=cfg["tfinal"] if cfg["tfinal"] >= 0 else total // 3, deltaT=cfg["deltaT"], total_steps=total,
+            beta1=cfg["ipt_beta1"], beta2=cfg["ipt_beta2"], orth_weight=cfg["orth_reg_weight"], orth=cfg["orth"])
     return None
 
 

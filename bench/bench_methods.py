@@ -55,6 +55,7 @@ DEFAULTS = dict(
 # per method: train.py options that make its between-step work happen often (every 4 steps here)
 METHOD_OPTIONS = {
     "beamlora": dict(dt=4, p_init=0.95, end_step=10**6),
+    "adalora": dict(tinit=0, tfinal=0, deltaT=4),  # the budget falls over 10^6 steps: importance every step
 }
 
 

@@ -54,6 +54,18 @@ def cfg_for(base, demo_data, out_dir, **kw):
     return cfg
 
 
+def run_ddp(cfg, tmp_path):
+    """train.py under torchrun, 2 processes (gloo) on a free port, with cfg as a config file, as users run it
+    (torchrun would eat --r=4)."""
+    path = tmp_path / "ddp_config.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.items() if v != train.DEFAULTS[k]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", os.path.join(ROOT, "train.py"), str(path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_end_to_end_beamlora(base, demo_data, tmp_path):
     out = tmp_path / "run"
     res = train.train(cfg_for(base, demo_data, out, max_steps=24, val_data=os.path.join(demo_data, "test.jsonl")))
@@ -203,15 +215,7 @@ def test_gradient_checkpointing_trains_adapters(base):
 def test_ddp_two_processes_match_one(base, demo_data, tmp_path, extra):
     """torchrun, gloo, 2 processes x micro-batch 2 = one process x micro-batch 4: same losses and adapter."""
     single = train.train(cfg_for(base, demo_data, tmp_path / "one", max_steps=8, dropout=0.0, **extra))
-    cfg = cfg_for(base, demo_data, tmp_path / "two", max_steps=8, micro_batch_size=2, **extra)
-    keys = ("init_from", "data", "out_dir", "r", "alpha", "max_len", "batch_size", "micro_batch_size", "max_steps",
-            "dt", "p_init", "lr", "dtype", "device", "log_interval", "seed", "dropout", "dora")
-    (tmp_path / "ddp_config.py").write_text("".join(f"{k} = {cfg[k]!r}\n" for k in keys))
-    args = [str(tmp_path / "ddp_config.py")]  # a config file, as users run it (torchrun would eat --r=4)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                           os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ddp(cfg_for(base, demo_data, tmp_path / "two", max_steps=8, micro_batch_size=2, **extra), tmp_path)
     log = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
     assert abs(log[-1]["loss"] - sum(single["losses"][-4:]) / 4) < 1e-4
     ev = [[json.loads(line) for line in open(tmp_path / d / "events.jsonl")] for d in ("one", "two")]
