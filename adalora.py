@@ -101,7 +101,8 @@ class AdaController:
                 key = f"{name}.{k}"
                 ipt = (p * p.grad).abs()
                 ema = self.ema.get(key, torch.zeros_like(p)) * self.beta1 + (1 - self.beta1) * ipt
-                self.unc[key] = self.unc.get(key, torch.zeros_like(p)) * self.beta2 + (1 - self.beta2) * (ipt - ema).abs()
+                unc = self.unc.get(key, torch.zeros_like(p))
+                self.unc[key] = unc * self.beta2 + (1 - self.beta2) * (ipt - ema).abs()
                 self.ema[key] = ema
 
     def scores(self):
@@ -168,7 +169,8 @@ class AdaController:
 
     def load_state_dict(self, state):
         if state["config"] != self.config():
-            raise ValueError(f"adalora schedule of the checkpoint {state['config']} differs from this run's {self.config()}")
+            raise ValueError(f"adalora: the checkpoint's schedule {state['config']} differs from this run's "
+                             f"{self.config()}")
         dev = next(iter(self.modules.values())).lora_A.device
         self.ema = {k: v.to(dev) for k, v in state["ema"].items()}
         self.unc = {k: v.to(dev) for k, v in state["unc"].items()}

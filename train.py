@@ -1,6 +1,6 @@
 """
-Fine-tune a LLaMA / Mistral checkpoint with BeamLoRA, LoRA, DoRA, PiSSA, MiLoRA or full fine-tuning.
-One loop for CPU, one GPU, or many under torchrun (DDP).
+Fine-tune a LLaMA / Mistral checkpoint with BeamLoRA, the LoRA-family methods it is compared with
+(docs/README.md) or full fine-tuning. One loop for CPU, one GPU, or many under torchrun (DDP).
 
     python train.py                                      # the offline demo (demo.py), no arguments
     python train.py config/llama2_7b_metamath_beamlora.py --micro_batch_size=2
@@ -9,7 +9,8 @@ One loop for CPU, one GPU, or many under torchrun (DDP).
 
 Writes to out_dir: ckpt.pt (every save_interval steps and at the end), events.jsonl (one line
 per event of the method: BeamLoRA's prune/expand, ...), log.jsonl, adapter/ (PEFT format, scores
-folded in), and on request merged/ (a full HF checkpoint). Method full writes model/ instead of adapter/.
+folded in), and on request merged/ (a full HF checkpoint). Method full writes model/ instead of adapter/;
+relora always writes merged/ (its result) and merged_base/, the base its last cycle's adapter/ applies to.
 
 A method is the LoRA layer of beamlora.py with its seams filled in (wrap, below) and, if it acts
 between optimizer steps, a controller (make_controller) that the loop drives through a few hooks:
@@ -32,7 +33,9 @@ import torch.distributed as dist
 
 import adalora
 import beamlora
+import increlora
 import pissa
+import relora
 from dora import add_magnitudes  # the module; the --dora flag below takes the name "dora"
 from configurator import ConfigError, parse_args
 from model import Transformer
@@ -48,7 +51,7 @@ data = ""  # training data: .jsonl instruction data, or .txt plain text (loss on
 val_data = ""  # held-out data in the same format: loss reported at eval_interval and at the end
 data_format = "metamathqa"  # metamathqa (query/response) | alpaca | gsm8k (question/answer) | chat (messages)
 max_len = 512  # tokens per example; longer ones are truncated (and counted)
-method = "beamlora"  # full | lora | beamlora | dora | pissa | milora | adalora (docs/README.md)
+method = "beamlora"  # full | lora | beamlora | dora | pissa | milora | adalora | relora | increlora (docs/)
 targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 r = 64
 alpha = 128.0  # the paper's runs: alpha = 2r
@@ -67,8 +70,8 @@ static_p = False
 no_history = False
 inherit_moments = "history"  # history: pruned ranks get the sources' historical AdamW moments (the paper's text);
 # keep: they keep their own, what the authors' code executes (docs/BEAMLORA.md, section 4)
-# AdaLoRA (docs/ADALORA.md): --r is the final average rank, the budget r x modules that LoRA has at r
-init_r = 0  # ranks per module at the start (0: 3r/2, the AdaLoRA paper's b(0) = 1.5 b(T))
+# AdaLoRA (docs/ADALORA.md) and IncreLoRA: --r is the final average rank, the budget r x modules LoRA has at r
+init_r = 0  # ranks per module at the start (0: adalora 3r/2, its paper's b(0) = 1.5 b(T); increlora r/2)
 tinit = -1  # steps at init_r before the budget falls (-1: a tenth of the steps)
 tfinal = -1  # last steps with the final ranks fixed (-1: a third of the steps)
 deltaT = 10  # steps between maskings while the budget falls
@@ -76,6 +79,17 @@ ipt_beta1 = 0.85  # EMA of the sensitivity |w * grad|
 ipt_beta2 = 0.85  # EMA of its uncertainty
 orth_reg_weight = 0.1  # orthogonality penalty on A and B (the authors' scripts; PEFT's default is 0.5)
 orth = "code"  # code: mean of ||A A^T - I||_F over the matrices (PEFT, authors' code); paper: sum of squares
+# IncreLoRA (docs/INCRELORA.md), with init_r, ipt_beta1/2, orth_reg_weight and orth above
+max_r = 0  # slots per module: the most ranks one module can reach, its reserve included (0: 2r)
+incre_warmup = -1  # steps before the first addition (-1: a tenth of the steps)
+incre_interval = 0  # steps between additions (0: spread so that the budget is reached at two thirds of the steps)
+top_h = 10  # modules that grow at each addition
+incre_rank_num = 0  # ranks a chosen module gains, also the size of its reserve (0: r/2, the authors' rule)
+incre_lr_warmup = -1  # lr warmup of the new ranks (-1: as long as the main warmup; 0: none)
+# ReLoRA (docs/RELORA.md)
+relora_steps = 0  # steps per cycle: merge, re-initialise, prune the moments, restart the lr (0: a quarter of the steps)
+relora_warmup = 0  # steps of the lr warmup after each restart (0: min(50, relora_steps // 10), at least 1)
+relora_prune = 0.99  # fraction of each AdamW moment tensor of A and B zeroed at a restart, smallest magnitudes first
 epochs = 3
 max_steps = 0  # 0: epochs over the data
 batch_size = 32  # global batch, in examples, over all processes and accumulation steps
@@ -260,7 +274,7 @@ def check_config(cfg):
             raise ConfigError(f"--{key}={cfg[key]}: must be one of {', '.join(allowed)}")
     if cfg["dora"] and cfg["method"] == "full":
         raise ConfigError("--dora: needs a LoRA-family --method, not full")
-    if cfg["dora"] and cfg["method"] == "adalora":
+    if cfg["dora"] and cfg["method"] in ("adalora", "relora", "increlora"):
         raise ConfigError(f"--dora: not with --method={cfg['method']} (PEFT has no such combination to test against)")
     if bool(cfg["init_from"]) == bool(cfg["model_config"]):
         raise ConfigError("give exactly one of --init_from (an HF checkpoint dir) or --model_config (a config.json)")
@@ -276,14 +290,15 @@ def check_config(cfg):
 
 
 # --method: each one's layer in wrap, its controller in make_controller
-METHODS = ("full", "lora", "beamlora", "dora", "pissa", "milora", "adalora")
+METHODS = ("full", "lora", "beamlora", "dora", "pissa", "milora", "adalora", "relora", "increlora")
 
 
 def wrap(model, cfg):
     """The method's layers: LoRA on the target linears, then what the method adds to each. -> {name: module}"""
     if cfg["method"] == "full":
         return {}
-    rank = (cfg["init_r"] or 3 * cfg["r"] // 2) if cfg["method"] == "adalora" else cfg["r"]  # the layers' r
+    rank = {"adalora": cfg["init_r"] or 3 * cfg["r"] // 2, "increlora": cfg["max_r"] or 2 * cfg["r"]}.get(
+        cfg["method"], cfg["r"])  # the layers' r
     mods = beamlora.apply_lora(model, cfg["targets"].split(","), r=rank, alpha=cfg["alpha"],
                                dropout=cfg["dropout"], rslora=cfg["rslora"], dtype=torch.float32)
     if cfg["method"] == "beamlora":
@@ -294,7 +309,14 @@ def wrap(model, cfg):
         add_magnitudes(mods)
     if cfg["method"] == "adalora":
         adalora.add_svd(mods)
+    if cfg["method"] == "increlora":
+        increlora.add_slots(mods, *increlora_ranks(cfg))
     return mods
+
+
+def increlora_ranks(cfg):
+    """(ranks each module starts with, ranks added at a time and held in reserve)"""
+    return cfg["init_r"] or max(1, cfg["r"] // 2), cfg["incre_rank_num"] or max(1, cfg["r"] // 2)
 
 
 def make_optimizer(params, cfg, fused=False):
@@ -321,6 +343,21 @@ def make_controller(mods, optimizer, cfg, total):
             mods, target_r=cfg["r"], tinit=cfg["tinit"] if cfg["tinit"] >= 0 else total // 10,
             tfinal=cfg["tfinal"] if cfg["tfinal"] >= 0 else total // 3, deltaT=cfg["deltaT"], total_steps=total,
             beta1=cfg["ipt_beta1"], beta2=cfg["ipt_beta2"], orth_weight=cfg["orth_reg_weight"], orth=cfg["orth"])
+    if cfg["method"] == "increlora":
+        (init_r, k), budget = increlora_ranks(cfg), cfg["r"] * len(mods)
+        warmup = cfg["incre_warmup"] if cfg["incre_warmup"] >= 0 else total // 10
+        rounds = max(1, math.ceil((budget - init_r * len(mods)) / max(1, cfg["top_h"] * k)))
+        return increlora.IncreController(
+            mods, optimizer, budget, init_r, k, cfg["top_h"], warmup,
+            interval=cfg["incre_interval"] or max(1, (2 * total // 3 - warmup) // rounds),
+            lr_warmup=cfg["incre_lr_warmup"] if cfg["incre_lr_warmup"] >= 0 else
+            cfg["warmup_steps"] or math.ceil(cfg["warmup_ratio"] * total),
+            total_steps=total, beta1=cfg["ipt_beta1"], beta2=cfg["ipt_beta2"], orth_weight=cfg["orth_reg_weight"],
+            orth=cfg["orth"], seed=cfg["seed"])
+    if cfg["method"] == "relora":
+        steps = cfg["relora_steps"] or max(1, total // 4)
+        warmup = cfg["relora_warmup"] or max(1, min(50, steps // 10))
+        return relora.ReLoController(mods, optimizer, steps, warmup, cfg["relora_prune"], total, seed=cfg["seed"])
     return None
 
 
@@ -512,8 +549,13 @@ def train(cfg):
             raw_model.save_pretrained(os.path.join(cfg["out_dir"], "model"))
             shutil.copy(tok_file, os.path.join(cfg["out_dir"], "model", "tokenizer.model"))
         else:
-            beamlora.export_peft(raw_model, os.path.join(cfg["out_dir"], "adapter"), cfg["init_from"], cfg["export_rank"])
-            if cfg["save_merged"]:
+            base_dir = cfg["init_from"]
+            if cfg["method"] == "relora":  # the frozen weights were trained too: the adapter's base is merged_base/
+                base_dir = os.path.join(cfg["out_dir"], "merged_base")
+                relora.save_base(raw_model, base_dir)
+                shutil.copy(tok_file, os.path.join(base_dir, "tokenizer.model"))
+            beamlora.export_peft(raw_model, os.path.join(cfg["out_dir"], "adapter"), base_dir, cfg["export_rank"])
+            if cfg["save_merged"] or cfg["method"] == "relora":
                 beamlora.merge_lora(raw_model)
                 raw_model.save_pretrained(os.path.join(cfg["out_dir"], "merged"))
                 shutil.copy(tok_file, os.path.join(cfg["out_dir"], "merged", "tokenizer.model"))

@@ -56,6 +56,8 @@ DEFAULTS = dict(
 METHOD_OPTIONS = {
     "beamlora": dict(dt=4, p_init=0.95, end_step=10**6),
     "adalora": dict(tinit=0, tfinal=0, deltaT=4),  # the budget falls over 10^6 steps: importance every step
+    "relora": dict(relora_steps=4, relora_warmup=2),
+    "increlora": dict(incre_warmup=0, incre_interval=4, top_h=1, incre_rank_num=1),  # growing throughout
 }
 
 
