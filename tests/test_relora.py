@@ -75,11 +75,11 @@ def test_cycles_hand_checked():
 def test_end_to_end_exports_and_schedule(base, demo_data, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    cfg = re_cfg(base, demo_data, tmp_path)
+    cfg = re_cfg(base, demo_data, tmp_path, lr=2e-3)  # at 1e-2 the restarts' first steps are violent (RELORA.md)
     res = train.train(cfg)
     # a merge keeps the model's function: up to the first step after it, the losses are LoRA's
     lora = train.train(cfg_for(base, demo_data, tmp_path / "lora", method="lora", max_steps=16, stop_after=6,
-                               warmup_steps=2, lr=1e-2, log_interval=6))
+                               warmup_steps=2, lr=2e-3, log_interval=6))
     assert res["losses"][:6] == pytest.approx(lora["losses"], rel=1e-5)
     events = [json.loads(line) for line in open(tmp_path / "events.jsonl")]
     assert [e["step"] for e in events] == [5, 10, 15] and all(abs(e["moments_zeroed"] - 0.9) < 0.01 for e in events)
