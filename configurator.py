@@ -9,6 +9,7 @@ string) and must match the type of the default. An unknown key is an error listi
 """
 import ast
 import os
+import traceback
 
 
 class ConfigError(ValueError):
@@ -35,8 +36,13 @@ def parse_args(argv, defaults):
             if not os.path.isfile(arg):
                 raise ConfigError(f"{arg}: config file not found")
             scope = {"__file__": arg}  # a config may build on another one next to it
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), scope)
+            try:
+                with open(arg, encoding="utf-8") as f:
+                    exec(compile(f.read(), arg, "exec"), scope)
+            except Exception as e:  # the user's own code: what failed where, in one line
+                lines = [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == arg]
+                line = e.lineno if isinstance(e, SyntaxError) else lines[-1] if lines else "?"
+                raise ConfigError(f"{arg}:{line}: {type(e).__name__}: {e.msg if isinstance(e, SyntaxError) else e}") from None
             for key, value in scope.items():
                 if key.startswith("_") or type(value).__name__ == "module":
                     continue

@@ -119,6 +119,15 @@ def save_safetensors(tensors, path, metadata=None):
 # config
 
 
+# the config.json keys read below and what each must be when present (null: the default)
+CONFIG_TYPES = {**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                                 "sliding_window"), int),
+                **dict.fromkeys(("rms_norm_eps", "rope_theta", "initializer_range"), (int, float)),
+                **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias"), bool)}
+CONFIG_TYPE_NAMES = {int: "a positive integer", (int, float): "a positive number", bool: "true or false"}
+
+
 @dataclass
 class ModelArgs:
     vocab_size: int = 32000
@@ -140,6 +149,13 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, cfg, where="config.json"):
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{where}: not a JSON object")
+        for key, kind in CONFIG_TYPES.items():  # a wrong type fails here, not deep inside the model
+            v, what = cfg.get(key), CONFIG_TYPE_NAMES[kind]
+            bad = not isinstance(v, bool) if kind is bool else isinstance(v, bool) or not isinstance(v, kind) or v <= 0
+            if v is not None and bad:
+                raise CheckpointError(f"{where}: {key} must be {what}, not {json.dumps(v)}")
         mt = cfg.get("model_type")
         if mt not in ("llama", "mistral"):
             raise CheckpointError(f"{where}: unsupported model_type {mt!r} (supported: llama, mistral)")

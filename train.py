@@ -6,11 +6,14 @@ Fine-tune a LLaMA / Mistral checkpoint with BeamLoRA, the LoRA-family methods it
     python train.py config/llama2_7b_metamath_beamlora.py --micro_batch_size=2
     torchrun --nproc_per_node=8 train.py config/llama2_7b_metamath_beamlora.py
     python train.py config/llama2_7b_metamath_beamlora.py --resume    # continue from out_dir/ckpt.pt
+    python train.py config/llama2_7b_metamath_beamlora.py --overwrite # start over in an out_dir that holds a run
 
 Writes to out_dir: ckpt.pt (every save_interval steps and at the end), events.jsonl (one line
-per event of the method: BeamLoRA's prune/expand, ...), log.jsonl, adapter/ (PEFT format, scores
-folded in), and on request merged/ (a full HF checkpoint). Method full writes model/ instead of adapter/;
+per event of the method: BeamLoRA's prune/expand, ...), log.jsonl, scores.jsonl, adapter/ (PEFT format,
+scores folded in), and on request merged/ (a full HF checkpoint). Method full writes model/ instead of adapter/;
 relora always writes merged/ (its result) and merged_base/, the base its last cycle's adapter/ applies to.
+Every input is checked before anything is loaded or written; a killed run continued with --resume ends
+with the same files as one never killed (the .jsonl records are cut back to the checkpoint's step).
 
 A method is the LoRA layer of beamlora.py with its seams filled in (wrap, below) and, if it acts
 between optimizer steps, a controller (make_controller) that the loop drives through a few hooks:
@@ -21,9 +24,11 @@ between optimizer steps, a controller (make_controller) that the loop drives thr
     lr_factor(t)      (optional) a factor on the schedule's learning rate
 """
 import hashlib
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -36,9 +41,10 @@ import beamlora
 import increlora
 import pissa
 import relora
+import rundir
 from dora import add_magnitudes  # the module; the --dora flag below takes the name "dora"
 from configurator import ConfigError, parse_args
-from model import Transformer
+from model import ModelArgs, Transformer, load_config
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -113,6 +119,7 @@ eval_interval = 0  # 0: held-out loss only at the end
 score_log_interval = 0  # write rank importance (scores, ||b_i a_i||) to scores.jsonl every N steps
 save_interval = 0  # 0: checkpoint only at the end
 resume = False
+overwrite = False  # a fresh run into an out_dir that holds a run's files deletes them (else it refuses)
 stop_after = 0  # stop with a checkpoint after this many steps of this run (a job time limit); --resume goes on
 save_merged = False  # also write merged/ (W0 + scaling * B diag(s) A), a plain HF checkpoint
 peak_flops = 989e12  # for MFU: H100 SXM dense bf16
@@ -120,6 +127,11 @@ wandb_log = False
 wandb_project = "beamlora"
 wandb_run_name = "run"
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+# --resume: the keys that may differ from the checkpoint's, as they change where and how the run executes,
+# logs, checkpoints and exports, not what it computes. Every other key, a new method's too, must match.
+MAY_CHANGE_ON_RESUME = ("out_dir", "resume", "overwrite", "device", "compile", "gradient_checkpointing",
+                        "log_interval", "eval_interval", "score_log_interval", "save_interval", "stop_after",
+                        "save_merged", "export_rank", "peak_flops", "wandb_log", "wandb_project", "wandb_run_name")
 # -----------------------------------------------------------------------------
 
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -130,35 +142,52 @@ PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an i
 GSM8K_ANSWER = "The answer is: "  # MetaMath's answer line, which eval.py's gsm8k task extracts
 
 
+def field(ex, key):
+    text = ex[key]  # a KeyError names the missing field
+    if not isinstance(text, str):
+        raise TypeError(f"field {key!r} must be a string, not {type(text).__name__}")
+    return text
+
+
 def segments(ex, data_format):
     """One jsonl record -> [(text, trained?)]: the prompt carries no loss, the response does."""
     if data_format == "metamathqa":
-        return [(PROMPT.format(instruction=ex["query"]), False), (ex["response"], True)]
+        return [(PROMPT.format(instruction=field(ex, "query")), False), (field(ex, "response"), True)]
     if data_format == "gsm8k":  # "... #### 72" is trained as "... The answer is: 72", the form eval.py reads
-        steps, sep, final = ex["answer"].rpartition("####")
+        steps, sep, final = field(ex, "answer").rpartition("####")
         answer = f"{steps.rstrip()}\n{GSM8K_ANSWER}{final.strip()}" if sep else ex["answer"]
-        return [(PROMPT.format(instruction=ex["question"]), False), (answer, True)]
+        return [(PROMPT.format(instruction=field(ex, "question")), False), (answer, True)]
     if data_format == "alpaca":
-        p = PROMPT_INPUT.format(instruction=ex["instruction"], input=ex["input"]) if ex.get("input") else \
-            PROMPT.format(instruction=ex["instruction"])
-        return [(p, False), (ex["output"], True)]
+        p = PROMPT_INPUT.format(instruction=field(ex, "instruction"), input=field(ex, "input")) if ex.get("input") \
+            else PROMPT.format(instruction=field(ex, "instruction"))
+        return [(p, False), (field(ex, "output"), True)]
     if data_format == "chat":  # every assistant turn is trained; user turns are prompts
         out, first = [], True
+        if not isinstance(ex["messages"], list) or not all(isinstance(m, dict) for m in ex["messages"]):
+            raise TypeError("field 'messages' must be a list of {role, content} objects")
         for m in ex["messages"]:
-            if m["role"] == "assistant":
-                out.append((m["content"], True))
+            if field(m, "role") == "assistant":
+                out.append((field(m, "content"), True))
             elif m["role"] == "user":
-                out.append((PROMPT.format(instruction=m["content"]) if first else
+                out.append((PROMPT.format(instruction=field(m, "content")) if first else
                             f"\n\n### Instruction:\n{m['content']}\n\n### Response:", False))
                 first = False
         return out
     raise ConfigError(f"--data_format: unknown {data_format!r} (metamathqa, alpaca, gsm8k, chat)")
 
 
+def read_lines(path):
+    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is an error naming it."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+
+
 def tokenize_file(path, tok, cfg):
     """-> list of (ids, labels) int lists. Cached next to the data (or in out_dir) keyed by settings."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        raise ConfigError(f"{path}: data file missing or empty")
     h = hashlib.sha256()
     for part in (path, str(os.path.getmtime(path)), str(os.path.getsize(path)), cfg["data_format"],
                  str(cfg["max_len"]), PROMPT, GSM8K_ANSWER):
@@ -166,35 +195,43 @@ def tokenize_file(path, tok, cfg):
     with open(tok.path, "rb") as f:
         h.update(f.read())
     name = f"{os.path.basename(path)}.{h.hexdigest()[:12]}.cache.pt"
-    for cache in (os.path.join(os.path.dirname(os.path.abspath(path)), name), os.path.join(cfg["out_dir"], name)):
+    caches = (os.path.join(os.path.dirname(os.path.abspath(path)), name), os.path.join(cfg["out_dir"], name))
+    for cache in caches:
         if os.path.isfile(cache):
-            c = torch.load(cache, weights_only=True)
-            return [(ids.tolist(), lab.tolist()) for ids, lab in zip(c["ids"].split(c["lens"].tolist()),
-                                                                      c["labels"].split(c["lens"].tolist()))]
-    examples, truncated, n_read = [], 0, 0
+            try:
+                c = torch.load(cache, weights_only=True)
+                return [(ids.tolist(), lab.tolist()) for ids, lab in zip(c["ids"].split(c["lens"].tolist()),
+                                                                          c["labels"].split(c["lens"].tolist()))]
+            except Exception:  # unreadable (not ours, or damaged): tokenize again
+                pass
+    examples, truncated, n_read, fmt = [], 0, 0, cfg["data_format"]
     if path.endswith(".txt"):  # plain text: blocks of max_len tokens, loss on every token
-        with open(path, encoding="utf-8") as f:
-            ids = tok.encode(f.read(), bos=True, eos=True)
+        ids = tok.encode("".join(text for _, text in read_lines(path)), bos=True, eos=True)
         examples = [(ids[i:i + cfg["max_len"]], ids[i:i + cfg["max_len"]]) for i in range(0, len(ids) - 1, cfg["max_len"])]
     else:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    segs = segments(json.loads(line), cfg["data_format"])
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                    raise ConfigError(f"{path}:{n}: malformed line for data_format={cfg['data_format']} "
-                                      f"({type(e).__name__}: {e})") from None
-                ids, labels = [], []
-                for i, (text, trained) in enumerate(segs):
-                    t = tok.encode(text, bos=i == 0, eos=trained)  # every response ends with EOS, trained
-                    ids += t
-                    labels += t if trained else [-100] * len(t)
-                truncated += len(ids) > cfg["max_len"]
-                n_read += 1
-                if any(x != -100 for x in labels[1:cfg["max_len"]]):
-                    examples.append((ids[:cfg["max_len"]], labels[:cfg["max_len"]]))
+        for n, line in read_lines(path):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                if not isinstance(ex, dict):
+                    raise TypeError(f"a line must be a JSON object, not {type(ex).__name__}")
+                segs = segments(ex, fmt)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            except KeyError as e:
+                raise ConfigError(f"{path}:{n}: no field {e.args[0]!r} (data_format={fmt})") from None
+            except (TypeError, AttributeError) as e:
+                raise ConfigError(f"{path}:{n}: {e} (data_format={fmt})") from None
+            ids, labels = [], []
+            for i, (text, trained) in enumerate(segs):
+                t = tok.encode(text, bos=i == 0, eos=trained)  # every response ends with EOS, trained
+                ids += t
+                labels += t if trained else [-100] * len(t)
+            truncated += len(ids) > cfg["max_len"]
+            n_read += 1
+            if any(x != -100 for x in labels[1:cfg["max_len"]]):
+                examples.append((ids[:cfg["max_len"]], labels[:cfg["max_len"]]))
     if not examples:
         raise ConfigError(f"{path}: no usable examples")
     if truncated:
@@ -203,7 +240,7 @@ def tokenize_file(path, tok, cfg):
     lens = torch.tensor([len(e[0]) for e in examples])
     blob = {"ids": torch.tensor([t for e in examples for t in e[0]], dtype=torch.int32),
             "labels": torch.tensor([t for e in examples for t in e[1]], dtype=torch.int32), "lens": lens}
-    for cache in (os.path.join(os.path.dirname(os.path.abspath(path)), name), os.path.join(cfg["out_dir"], name)):
+    for cache in caches:
         try:
             atomic_save(blob, cache)
             break
@@ -247,9 +284,18 @@ def lr_at(step, total, cfg):
 
 
 def atomic_save(obj, path):
+    # a temp file on disk, then renamed over the old one: a kill at any moment leaves the old file or the new
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 @torch.no_grad()
@@ -265,7 +311,11 @@ def heldout_loss(model, examples, cfg, ctx):
     return total / max(count, 1)
 
 
-def check_config(cfg):
+# -----------------------------------------------------------------------------
+# checking every input before anything is loaded or written, and resuming
+
+def check_config(cfg, world=1):
+    """The options on their own: one line naming the first bad one. `world`: processes under torchrun."""
     choices = {"method": METHODS, "scope": ("global", "module"), "schedule": ("cosine", "linear"),
                "inherit_moments": ("history", "keep"), "orth": ("code", "paper"),
                "dtype": ("float32", "bfloat16", "float16"), "data_format": ("metamathqa", "alpaca", "gsm8k", "chat")}
@@ -276,17 +326,88 @@ def check_config(cfg):
         raise ConfigError("--dora: needs a LoRA-family --method, not full")
     if cfg["dora"] and cfg["method"] in ("adalora", "relora", "increlora"):
         raise ConfigError(f"--dora: not with --method={cfg['method']} (PEFT has no such combination to test against)")
-    if bool(cfg["init_from"]) == bool(cfg["model_config"]):
-        raise ConfigError("give exactly one of --init_from (an HF checkpoint dir) or --model_config (a config.json)")
-    if not 0 < cfg["p_init"] < 1:
-        raise ConfigError(f"--p_init={cfg['p_init']}: must be in (0, 1)")
+    need = {"at least 1": ("r", "batch_size", "micro_batch_size", "log_interval"), "at least 2": ("max_len",),
+            "positive": ("alpha", "tau"),
+            "0 or more": ("dt", "end_step", "epochs", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay",
+                          "grad_clip", "eval_interval", "score_log_interval", "save_interval", "stop_after",
+                          "export_rank", "seed", "peak_flops"),
+            "in [0, 1)": ("dropout", "beta1", "beta2"), "in [0, 1]": ("warmup_ratio",), "in (0, 1)": ("p_init",)}
+    test = {"at least 1": lambda v: v >= 1, "at least 2": lambda v: v >= 2, "positive": lambda v: v > 0,
+            "0 or more": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1,
+            "in (0, 1)": lambda v: 0 < v < 1}
+    for what, keys in need.items():
+        for key in keys:
+            if not test[what](cfg[key]):  # NaN fails every test
+                raise ConfigError(f"--{key}={cfg[key]}: must be {what}")
+    if cfg["min_lr"] > cfg["lr"]:
+        raise ConfigError(f"--min_lr={cfg['min_lr']}: must not exceed --lr={cfg['lr']}")
+    if cfg["max_steps"] == 0 and cfg["epochs"] == 0:
+        raise ConfigError("--epochs=0 (with --max_steps=0): the run would train nothing")
+    if cfg["batch_size"] % (cfg["micro_batch_size"] * world):
+        raise ConfigError(f"--batch_size={cfg['batch_size']} must be a multiple of micro_batch_size x processes "
+                          f"({cfg['micro_batch_size']} x {world})")
     if cfg["dt"] and (cfg["dt"] < 2 or cfg["dt"] % 2):
         raise ConfigError(f"--dt={cfg['dt']}: must be an even number >= 2 (a snapshot is taken at dt/2)")
+    if cfg["method"] != "full" and not all(t.strip() for t in cfg["targets"].split(",")):
+        raise ConfigError(f"--targets={cfg['targets']!r}: an empty module name")
+    if bool(cfg["init_from"]) == bool(cfg["model_config"]):
+        raise ConfigError("give exactly one of --init_from (an HF checkpoint dir) or --model_config (a config.json)")
     if not cfg["data"]:
         raise ConfigError("--data: no training data given")
-    for key in ("data", "val_data"):  # before the (slow) model load: bad input fails fast
-        if cfg[key] and (not os.path.isfile(cfg[key]) or os.path.getsize(cfg[key]) == 0):
-            raise ConfigError(f"{cfg[key]}: data file missing or empty")
+    for key in ("data", "val_data"):
+        if cfg[key] and not os.path.isfile(cfg[key]):
+            raise ConfigError(f"{cfg[key]}: data file not found (--{key})")
+        if cfg[key] and os.path.getsize(cfg[key]) == 0:
+            raise ConfigError(f"{cfg[key]}: data file is empty (--{key})")
+    dev = cfg["device"]
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
+        raise ConfigError(f"--device={dev}: must be cpu, cuda or cuda:N")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={dev}: CUDA is not available here (torch {torch.__version__}"
+                          f"{', a CPU-only build' if torch.version.cuda is None else ', no GPU found'}); use --device=cpu")
+    if dev.startswith("cuda:") and int(dev[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device={dev}: there are {torch.cuda.device_count()} GPUs")
+    if dev.startswith("cuda") and cfg["dtype"] == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--dtype=bfloat16: {torch.cuda.get_device_name(dev)} does not support it; use float16")
+    if cfg["resume"] and cfg["overwrite"]:
+        raise ConfigError("--resume and --overwrite: give one (continue the run in out_dir, or delete it and start over)")
+    if cfg["wandb_log"] and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb_log: wandb is not installed (pip install wandb)")
+    out, parent = cfg["out_dir"], os.path.abspath(cfg["out_dir"])
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out_dir={out}: exists and is not a directory")
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out_dir={out}: cannot be written ({parent} is not a writable directory)")
+
+
+def model_args(cfg):
+    """The base's ModelArgs from its config.json (or --model_config), checked; the targets and r are tried on a
+    weightless (meta) copy of the model, so a bad one fails before any weight is read."""
+    if cfg["init_from"]:
+        where = os.path.join(cfg["init_from"], "config.json")
+        config = load_config(cfg["init_from"])
+    else:
+        where = cfg["model_config"]
+        try:
+            with open(where, encoding="utf-8") as f:
+                config = json.load(f)
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read --model_config ({e.strerror})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{where}: not valid JSON ({e})") from None
+    args = ModelArgs.from_config(config, where)
+    if cfg["method"] != "full":
+        with torch.device("meta"):
+            skeleton = Transformer(args, config)
+        known = beamlora.linear_names(skeleton)
+        unknown = [t for t in cfg["targets"].split(",") if t not in known]
+        if unknown:
+            raise ConfigError(f"--targets: unknown target module(s) {', '.join(unknown)}; the model's linears are: "
+                              f"{', '.join(known)}")
+        beamlora.apply_lora(skeleton, cfg["targets"].split(","), r=cfg["r"], alpha=cfg["alpha"])  # r must fit each
+    return config, where, args
 
 
 # --method: each one's layer in wrap, its controller in make_controller
@@ -363,8 +484,27 @@ def make_controller(mods, optimizer, cfg, total):
 
 def train(cfg):
     """Runs one training job; returns a summary dict (losses, held-out loss, wall time, peak memory)."""
-    check_config(cfg)
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1)
+    # every input is read and checked before anything is loaded or written: a bad one costs seconds and no file
+    config, config_path, args = model_args(cfg)
+    tok = Tokenizer(cfg["tokenizer"] or cfg["init_from"])
+    if tok.n_words > args.vocab_size:
+        raise ConfigError(f"{tok.path}: {tok.n_words} tokens, more than the model's vocab_size ({args.vocab_size})")
+    train_ex = tokenize_file(cfg["data"], tok, cfg)
+    val_ex = tokenize_file(cfg["val_data"], tok, cfg) if cfg["val_data"] else []
+    lengths = [len(e[0]) for e in train_ex]
+    # loss tokens per example (labels[0] is never a target: position t predicts t + 1), counted once, at C speed
+    n_targets = [len(e[1]) - e[1].count(-100) - (e[1][0] != -100) for e in train_ex]
+    plan_epoch, plan = 0, epoch_batches(lengths, 0, cfg["seed"], cfg["batch_size"])
+    steps_per_epoch = len(plan)  # the same for every epoch: only the order changes
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{cfg['data']}: {len(train_ex)} examples, fewer than one global batch of {cfg['batch_size']}")
+    total = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
+    prints = rundir.fingerprints({"data": cfg["data"], "val_data": cfg["val_data"], "tokenizer": tok.path,
+                                  "model config": config_path})
+    ck, records = rundir.check_out_dir(cfg, DEFAULTS, MAY_CHANGE_ON_RESUME, prints)  # reads only
+
     if ddp:
         dist.init_process_group(backend="nccl" if cfg["device"].startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -375,11 +515,7 @@ def train(cfg):
         rank, world = 0, 1
     master = rank == 0
     dev_type = "cuda" if cfg["device"].startswith("cuda") else "cpu"
-    if cfg["batch_size"] % (cfg["micro_batch_size"] * world):
-        raise ConfigError(f"--batch_size={cfg['batch_size']} must be a multiple of micro_batch_size x processes "
-                          f"({cfg['micro_batch_size']} x {world})")
     accum = cfg["batch_size"] // (cfg["micro_batch_size"] * world)
-    os.makedirs(cfg["out_dir"], exist_ok=True)
     torch.manual_seed(cfg["seed"])  # same on every process: identical initial adapters
     torch.backends.cuda.matmul.allow_tf32 = True
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
@@ -389,10 +525,7 @@ def train(cfg):
         base_dtype = torch.float32 if cfg["method"] == "full" else ptdtype
         model = Transformer.from_pretrained(cfg["init_from"], device=cfg["device"], dtype=base_dtype)
     else:
-        model = Transformer.from_config(cfg["model_config"], device=cfg["device"])
-    tok = Tokenizer(cfg["tokenizer"] or cfg["init_from"])
-    train_ex = tokenize_file(cfg["data"], tok, cfg)
-    val_ex = tokenize_file(cfg["val_data"], tok, cfg) if cfg["val_data"] else []
+        model = Transformer.from_config(config, device=cfg["device"])
     mods = wrap(model, cfg)
     model.gradient_checkpointing = cfg["gradient_checkpointing"]
     model.train()
@@ -402,37 +535,22 @@ def train(cfg):
     optimizer = make_optimizer(params, cfg, fused=dev_type == "cuda")
     scaler = torch.amp.GradScaler(dev_type, enabled=cfg["dtype"] == "float16")
     ctx = torch.autocast(dev_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
-
-    lengths = [len(e[0]) for e in train_ex]
-    # loss tokens per example (labels[0] is never a target: position t predicts t + 1), counted once, at C speed
-    n_targets = [len(e[1]) - e[1].count(-100) - (e[1][0] != -100) for e in train_ex]
-    plan_epoch, plan = 0, epoch_batches(lengths, 0, cfg["seed"], cfg["batch_size"])
-    steps_per_epoch = len(plan)  # the same for every epoch: only the order changes
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{cfg['data']}: {len(train_ex)} examples, fewer than one global batch of {cfg['batch_size']}")
-    total = cfg["max_steps"] or cfg["epochs"] * steps_per_epoch
     controller = make_controller(mods, optimizer, cfg, total)
     penalty = getattr(controller, "penalty", None)
     lr_factor = getattr(controller, "lr_factor", lambda t: 1.0)
     log_extra = getattr(controller, "log", lambda t: {})
 
     step, ckpt_path = 0, os.path.join(cfg["out_dir"], "ckpt.pt")
-    if cfg["resume"]:
-        if not os.path.isfile(ckpt_path):
-            raise ConfigError(f"{ckpt_path}: no checkpoint to resume from")
-        ck = torch.load(ckpt_path, map_location=cfg["device"], weights_only=True)
-        trained = dict(model.named_parameters())
-        for name, t in ck["params"].items():
-            trained[name].data.copy_(t)
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        if controller is not None:
-            controller.load_state_dict(ck["controller"])
-        step = ck["step"]
+    pending = []  # the losses of the steps since the last log row: that row's mean, carried across a resume
+    if ck is not None:
+        rundir.load_state(ck, ckpt_path, model, optimizer, scaler, controller)
+        step, pending = ck["step"], list(ck.get("log_losses", []))
         torch.set_rng_state(ck["rng_cpu"])
         if dev_type == "cuda" and "rng_cuda" in ck:
             torch.cuda.set_rng_state(ck["rng_cuda"])
-        if master:
+    if master:  # every check passed: the first write of this run
+        rundir.start_writing(cfg, records)
+        if ck is not None:
             print(f"resumed from {ckpt_path} at step {step}")
 
     raw_model = model  # the controller, checkpoints and export work on the unwrapped model
@@ -449,9 +567,11 @@ def train(cfg):
               f"processes)" + (f", dt={controller.dt}" if hasattr(controller, "dt") else ""))
 
     def save_checkpoint():
+        rundir.sync_records(cfg["out_dir"])  # the rows this checkpoint covers are on disk before it is
         ck = {"params": {n: p.detach() for n, p in raw_model.named_parameters() if p.requires_grad},
               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-              "config": json.dumps(cfg), "rng_cpu": torch.get_rng_state()}
+              "config": json.dumps(cfg), "fingerprints": {k: digest for k, (_, digest) in prints.items()},
+              "log_losses": pending, "rng_cpu": torch.get_rng_state()}
         if controller is not None:
             ck["controller"] = controller.state_dict()
         if dev_type == "cuda":
@@ -495,15 +615,15 @@ def train(cfg):
         if ddp:
             dist.all_reduce(loss_sum)
         losses.append(loss_sum.item() / n_tgt)
+        pending.append(losses[-1])
 
+        # records: rows of this step, appended before any checkpoint of it (a resume cuts them back to its step)
         if event and master:
             print(f"step {step}: {event.get('note', event.get('kind', 'event'))}")
-            with open(os.path.join(cfg["out_dir"], "events.jsonl"), "a") as f:
-                f.write(json.dumps(event) + "\n")
+            append_jsonl(os.path.join(cfg["out_dir"], "events.jsonl"), event)
         if master and cfg["score_log_interval"] and (step % cfg["score_log_interval"] == 0 or step == 1):
             imp = {n: {k: v.tolist() for k, v in d.items()} for n, d in beamlora.rank_importance(raw_model).items()}
-            with open(os.path.join(cfg["out_dir"], "scores.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, "modules": imp}) + "\n")
+            append_jsonl(os.path.join(cfg["out_dir"], "scores.jsonl"), {"step": step, "modules": imp})
         if master and (step % cfg["log_interval"] == 0 or step == total):
             dtime = time.time() - t_log
             tok_s = tokens_log * world / dtime
@@ -511,16 +631,15 @@ def train(cfg):
             mem = torch.cuda.max_memory_allocated() / 2**30 if dev_type == "cuda" else peak_rss_gib()
             eta = (time.time() - t0) / (step - start_step) * (total - step)
             extra = log_extra(step)  # the method's own fields (BeamLoRA: p)
-            row = {"step": step, "loss": sum(losses[-cfg["log_interval"]:]) / len(losses[-cfg["log_interval"]:]),
+            row = {"step": step, "loss": sum(pending) / len(pending),  # each step's loss in one row
                    "lr": optimizer.param_groups[0]["lr"], **extra, "tok_s": tok_s, "mfu": mfu, "mem_gib": mem}
             extra_txt = "".join(f"{k} {v:.4g} | " if isinstance(v, float) else f"{k} {v} | " for k, v in extra.items())
             print(f"step {step}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {extra_txt}"
                   f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | mem {mem:.2f} GiB | eta {eta / 60:.1f} min")
-            with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(os.path.join(cfg["out_dir"], "log.jsonl"), row)
             if cfg["wandb_log"]:
                 wandb.log(row)
-            t_log, tokens_log = time.time(), 0
+            t_log, tokens_log, pending = time.time(), 0, []
         if val_ex and cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and master:
             print(f"step {step}: held-out loss {heldout_loss(raw_model, val_ex, cfg, ctx):.4f}")
         if master and cfg["save_interval"] and step % cfg["save_interval"] == 0 and step < total:

@@ -233,7 +233,7 @@ def test_ddp_two_processes_match_one(base, demo_data, tmp_path, extra):
 # bad input: a ConfigError / ValueError naming the problem, before any training
 
 @pytest.mark.parametrize("change, message", [
-    (dict(data="nope.jsonl"), "nope.jsonl: data file missing or empty"),
+    (dict(data="nope.jsonl"), "nope.jsonl: data file not found"),
     (dict(targets="q_proj,qkv_proj"), "unknown target module.*qkv_proj"),
     (dict(r=1000), "r=1000 does not fit"),
     (dict(p_init=1.5), "--p_init=1.5"),
@@ -251,10 +251,10 @@ def test_bad_config(base, demo_data, tmp_path, change, message):
 def test_malformed_line_and_not_a_model(base, demo_data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"query": "a", "response": "b"}) + "\n" + '{"query": "a", "resp\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: malformed line"):
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
         train.train(cfg_for(base, demo_data, tmp_path / "o", data=str(bad)))
     bad.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1: malformed line for data_format=metamathqa"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: no field 'query' \(data_format=metamathqa\)"):
         train.train(cfg_for(base, demo_data, tmp_path / "o", data=str(bad)))
     with pytest.raises(ValueError, match="config.json"):
         train.train(cfg_for(str(tmp_path), demo_data, tmp_path / "o"))
