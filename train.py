@@ -356,7 +356,7 @@ def check_config(cfg, world=1):
         raise ConfigError("--data: no training data given")
     for key in ("data", "val_data"):
         if cfg[key] and not os.path.isfile(cfg[key]):
-            raise ConfigError(f"{cfg[key]}: data file not found (--{key})")
+            raise ConfigError(f"{cfg[key]}: {'not a file' if os.path.exists(cfg[key]) else 'data file not found'} (--{key})")
         if cfg[key] and os.path.getsize(cfg[key]) == 0:
             raise ConfigError(f"{cfg[key]}: data file is empty (--{key})")
     dev = cfg["device"]

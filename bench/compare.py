@@ -137,13 +137,10 @@ def main(argv):
                                  batch_size=cfg["batch_size"], micro_batch_size=cfg["batch_size"], lr=cfg["lr"],
                                  warmup_ratio=0.05, dtype="float32", device="cpu", seed=1000 + seed,
                                  log_interval=max(1, steps // 4), score_log_interval=cfg["score_log_interval"],
-                                 **METHODS[m])
+                                 overwrite=True, **METHODS[m])  # a run not in results.jsonl starts over
                 spec = {"method": m, "r": r, "seed": seed, "train": train_cfg, "test": test,
                         "eval_limit": cfg["eval_limit"], "max_new_tokens": cfg["max_new_tokens"]}
                 os.makedirs(run_dir, exist_ok=True)
-                for name in ("events.jsonl", "scores.jsonl", "log.jsonl"):  # a fresh run's logs
-                    if os.path.exists(os.path.join(run_dir, name)):
-                        os.remove(os.path.join(run_dir, name))
                 with open(os.path.join(run_dir, "spec.json"), "w") as f:
                     json.dump(spec, f)
                 print(f"{m}, r={r}, seed {seed}: training {steps} steps ...", flush=True)
