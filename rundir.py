@@ -22,7 +22,7 @@ import torch
 from configurator import ConfigError
 
 RECORDS = ("events.jsonl", "log.jsonl", "scores.jsonl")  # rows of a run's steps, each with its "step"
-RUN_FILES = ("ckpt.pt", *RECORDS, "adapter", "model", "merged")  # what a run writes into out_dir
+RUN_FILES = ("ckpt.pt", *RECORDS, "adapter", "model", "merged", "merged_base")  # what a run writes into out_dir
 
 
 def file_digest(path):

@@ -406,7 +406,7 @@ def model_args(cfg):
         if unknown:
             raise ConfigError(f"--targets: unknown target module(s) {', '.join(unknown)}; the model's linears are: "
                               f"{', '.join(known)}")
-        beamlora.apply_lora(skeleton, cfg["targets"].split(","), r=cfg["r"], alpha=cfg["alpha"])  # r must fit each
+        beamlora.apply_lora(skeleton, cfg["targets"].split(","), r=lora_rank(cfg), alpha=cfg["alpha"])  # r fits each?
     return config, where, args
 
 
@@ -418,9 +418,7 @@ def wrap(model, cfg):
     """The method's layers: LoRA on the target linears, then what the method adds to each. -> {name: module}"""
     if cfg["method"] == "full":
         return {}
-    rank = {"adalora": cfg["init_r"] or 3 * cfg["r"] // 2, "increlora": cfg["max_r"] or 2 * cfg["r"]}.get(
-        cfg["method"], cfg["r"])  # the layers' r
-    mods = beamlora.apply_lora(model, cfg["targets"].split(","), r=rank, alpha=cfg["alpha"],
+    mods = beamlora.apply_lora(model, cfg["targets"].split(","), r=lora_rank(cfg), alpha=cfg["alpha"],
                                dropout=cfg["dropout"], rslora=cfg["rslora"], dtype=torch.float32)
     if cfg["method"] == "beamlora":
         beamlora.add_scores(mods, cfg["tau"])
@@ -433,6 +431,12 @@ def wrap(model, cfg):
     if cfg["method"] == "increlora":
         increlora.add_slots(mods, *increlora_ranks(cfg))
     return mods
+
+
+def lora_rank(cfg):
+    """The layers' r"""
+    return {"adalora": cfg["init_r"] or 3 * cfg["r"] // 2, "increlora": cfg["max_r"] or 2 * cfg["r"]}.get(
+        cfg["method"], cfg["r"])
 
 
 def increlora_ranks(cfg):
