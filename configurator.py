@@ -6,9 +6,16 @@ nanoGPT-style configuration: module-level defaults, overridden by config files a
 A config file is plain Python assigning some of the defaults (it is the user's own code, run with
 exec as nanoGPT does). A --key=value is read as a Python literal when it parses as one (else as a
 string) and must match the type of the default. An unknown key is an error listing the valid ones.
+
+--help (or -h) prints the script's docstring and every option with its type, default and the comment
+at the end of its line, grouped under the comment lines that head each group in the file: the
+defaults block is the one place an option is documented.
 """
 import ast
+import io
 import os
+import sys
+import tokenize
 import traceback
 
 
@@ -28,8 +35,54 @@ def coerce(key, value, default):
     raise ConfigError(f"--{key}: expected {type(default).__name__}, got {value!r}")
 
 
-def parse_args(argv, defaults):
-    """Returns a copy of `defaults` (a dict) updated by the config files and --key=value in argv."""
+def documented(path, defaults):
+    """The defaults block of the file at `path`, parsed: [(heading, key, description)] for every key of
+    `defaults`, in file order. description: the comment at the end of the key's line; heading: the comment
+    lines right above the key (a group's title), [] if none. A key not assigned at module level comes last,
+    undocumented."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    comments, alone = {}, set()  # line -> comment text; lines that hold only a comment
+    for t in tokenize.generate_tokens(io.StringIO(source).readline):  # tokens: a '#' inside a string is no comment
+        if t.type == tokenize.COMMENT:
+            comments[t.start[0]] = t.string[1:].strip()
+            if not t.line[:t.start[1]].strip():
+                alone.add(t.start[0])
+    rows = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in defaults and node.targets[0].id not in rows:
+            heading, line = [], node.lineno - 1
+            while line in alone and comments[line].strip("-"):  # up to a blank line, code or a # ---- rule
+                heading.insert(0, comments[line])
+                line -= 1
+            desc = comments.get(node.end_lineno, "") if node.end_lineno not in alone else ""
+            rows[node.targets[0].id] = (heading, node.targets[0].id, desc)
+    return list(rows.values()) + [([], k, "") for k in defaults if k not in rows]
+
+
+def help_text(path, defaults, doc_path=None):
+    """--help: the docstring of `doc_path` (default: `path`), then the options documented in `path`."""
+    with open(doc_path or path, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    show = {k: f"--{k}={v}" if v != "" else f'--{k}=""' for k, v in defaults.items()}
+    width = min(32, max(map(len, show.values())))
+    out = [doc, "", "options: --key=value (a bare --flag sets a bool to True), after any config files (python "
+           "files assigning some of them); each with its type and default"]
+    for heading, key, desc in documented(path, defaults):
+        out += ["", *(f"# {h}" for h in heading)] if heading else []
+        flag, kind = show[key], type(defaults[key]).__name__
+        out.append(f"  {flag:<{width}}  {kind:<5}  {desc}" if len(flag) <= width else
+                   f"  {flag}\n  {'':<{width}}  {kind:<5}  {desc}")
+    return "\n".join(out)
+
+
+def parse_args(argv, defaults, path=None, doc_path=None):
+    """Returns a copy of `defaults` (a dict) updated by the config files and --key=value in argv. With `path`
+    (the file whose defaults block documents `defaults`), --help or -h prints help_text and exits 0."""
+    if path and ("--help" in argv or "-h" in argv):
+        print(help_text(path, defaults, doc_path))
+        sys.exit(0)
     config = dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):

@@ -7,7 +7,6 @@ Standard library only, so the data can be made before anything else is installed
     python data/gsm8k/prepare.py --only=test.jsonl --src=FILE     # offline: convert a file you fetched
     python data/gsm8k/prepare.py --only=test.jsonl --url=MIRROR   # same file from a mirror (still checked)
 """
-import argparse
 import gzip
 import hashlib
 import json
@@ -15,6 +14,18 @@ import os
 import sys
 import urllib.error
 import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configurator.py, standard library only
+from configurator import ConfigError, parse_args  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# the options of every data/<name>/prepare.py, overridden by --key=value (see configurator.py)
+only = ""  # make only this one of the script's outputs (its docstring lists them); "": all
+src = ""  # convert this local file instead of downloading (offline use; with several outputs, needs --only)
+url = ""  # download from this URL instead, e.g. a mirror (sha256 still checked)
+out = ""  # output folder; "": next to the script
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+# -----------------------------------------------------------------------------
 
 
 def fail(message):
@@ -63,32 +74,31 @@ def write_jsonl(rows, path):
 
 def prepare(script, files, convert):
     """files: {output path relative to --out: (pinned url, sha256 or None)}; convert: records -> rows."""
-    parser = argparse.ArgumentParser(description=f"Make {', '.join(files)} (see data/README.md).")
-    parser.add_argument("--only", choices=list(files), help="make only this output")
-    parser.add_argument("--src", help="convert this local file instead of downloading (offline use)")
-    parser.add_argument("--url", help="download from this URL instead, e.g. a mirror (sha256 still checked)")
-    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(script)),
-                        help="output folder (default: next to this script)")
-    args = parser.parse_args()
-    names = [args.only] if args.only else list(files)
-    if (args.src or args.url) and len(names) > 1:
+    try:
+        cfg = parse_args(sys.argv[1:], DEFAULTS, __file__, doc_path=script)  # --help: the script's docstring
+    except ConfigError as e:
+        fail(e)
+    if cfg["only"] and cfg["only"] not in files:
+        fail(f"--only={cfg['only']}: not an output of this script; one of: {', '.join(files)}")
+    names = [cfg["only"]] if cfg["only"] else list(files)
+    if (cfg["src"] or cfg["url"]) and len(names) > 1:
         fail(f"--src and --url name one file; add --only=NAME, NAME one of: {', '.join(names)}")
     for name in names:
         url, sha256 = files[name]
         retry_hint = f"python {os.path.relpath(script)}" + (f" --only={name}" if len(files) > 1 else "")
-        if args.src:
-            if not os.path.isfile(args.src):
-                fail(f"{args.src}: no such file")
-            origin = args.src
-            with open(args.src, "rb") as f:
+        if cfg["src"]:
+            if not os.path.isfile(cfg["src"]):
+                fail(f"{cfg['src']}: no such file")
+            origin = cfg["src"]
+            with open(cfg["src"], "rb") as f:
                 data = f.read()
         else:
-            origin = args.url or url
+            origin = cfg["url"] or url
             data = download(origin, retry_hint)
         digest = hashlib.sha256(data).hexdigest()
         if sha256 is None:
             print(f"sha256 {digest} (none pinned for this file)")
-        elif digest != sha256 and not args.src:
+        elif digest != sha256 and not cfg["src"]:
             fail(f"{origin}: sha256 {digest} is not the pinned {sha256}; nothing written")
         elif digest != sha256:  # a file chosen by hand may be another version or mirror: say so, go on
             print(f"note: {origin} is not the pinned file (sha256 {digest}, pinned {sha256}); "
@@ -98,6 +108,6 @@ def prepare(script, files, convert):
             rows = convert(records)
         except KeyError as e:
             fail(f"{origin}: a record has no field {e}")
-        path = os.path.join(args.out, name)
+        path = os.path.join(cfg["out"] or os.path.dirname(os.path.abspath(script)), name)
         write_jsonl(rows, path)
         print(f"{origin}: {len(records):,} records -> {len(rows):,} rows in {path}")

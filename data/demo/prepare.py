@@ -18,15 +18,28 @@ MetaMath protocol). Real MetaMathQA responses lack the phrase and a 7B model bri
 parameter model trained from scratch may not. With the phrase in the response, eval's prompt is token for
 token a prefix of every training sequence, and what the model generates after it is what it was trained on.
 """
-import argparse
 import hashlib
-import inspect
 import json
 import os
 import random
+import sys
 import time
 
 import sentencepiece as spm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # configurator.py
+from configurator import ConfigError, parse_args  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# defaults, overridden by --key=value (see configurator.py); demo.py passes its own
+out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build")  # where the files go
+seed = 1337  # the problems, the corpus and their order
+n_train = 4000  # word problems to fine-tune on
+n_test = 200  # held-out problems, none of them a training question
+n_pretrain = 30000  # lines of pretraining text
+vocab_size = 768  # sentencepiece pieces (BPE may stop short of it)
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+# -----------------------------------------------------------------------------
 
 NAMES = {"Tom": "he", "Ben": "he", "Sam": "he", "Max": "he", "Anna": "she", "Lily": "she", "Mia": "she", "Emma": "she"}
 ITEMS = ["apples", "pencils", "cookies", "stickers", "marbles", "books", "cards", "eggs"]
@@ -132,7 +145,7 @@ def pretrain_line(rng):
         f"{a} pays {p} dollars with a {c} dollar bill. {He} gets {calc(c, '-', p)[0]} dollars in change."])
 
 
-def prepare(out_dir, seed=1337, n_train=4000, n_test=200, n_pretrain=30000, vocab_size=768):
+def prepare(out_dir=out_dir, seed=seed, n_train=n_train, n_test=n_test, n_pretrain=n_pretrain, vocab_size=vocab_size):
     with open(__file__, "rb") as f:  # a change to this generator rebuilds
         code = hashlib.sha256(f.read()).hexdigest()[:12]
     meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "n_pretrain": n_pretrain, "vocab_size": vocab_size,
@@ -184,8 +197,7 @@ def prepare(out_dir, seed=1337, n_train=4000, n_test=200, n_pretrain=30000, voca
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="synthetic GSM8K-style data for the offline demo")
-    p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "build"))
-    for key, param in list(inspect.signature(prepare).parameters.items())[1:]:  # seed, n_train, ...
-        p.add_argument(f"--{key}", type=int, default=param.default)
-    prepare(**vars(p.parse_args()))
+    try:
+        prepare(**parse_args(sys.argv[1:], DEFAULTS, __file__))
+    except (ConfigError, OSError) as e:
+        sys.exit(f"error: {e}")
