@@ -26,6 +26,22 @@ from fractions import Fraction
 
 import sandbox
 
+# -----------------------------------------------------------------------------
+# defaults, overridden by --key=value (see configurator.py)
+model = ""  # an HF checkpoint dir (config.json, safetensors, tokenizer.model): a base or a merged model
+adapter = ""  # a PEFT-format LoRA adapter dir (ours or PEFT's), merged into the model before generating
+task = ""  # gsm8k | math | humaneval | mbpp | ppl | a commonsense set: boolq, piqa, ... (COMMONSENSE below)
+data = ""  # the test set: .jsonl (or .txt for ppl)
+limit = 0  # score only the first N examples (0: all)
+batch_size = 8  # prompts generated (or sequences scored) together
+max_new_tokens = 0  # 0: the task's own (MAX_NEW)
+out = "out/eval"  # <task>_summary.json and <task>_samples.jsonl go here
+dtype = "float32"  # float32 | bfloat16 | float16
+device = "auto"  # auto (cuda if there is one) | cpu | cuda | cuda:N
+timeout = 10.0  # seconds per humaneval/mbpp program
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+# -----------------------------------------------------------------------------
+
 # train.py's Alpaca template
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
@@ -451,13 +467,43 @@ def perplexity(model, seqs, batch_size, device):
 
 
 # -----------------------------------------------------------------------------
+# the model: eval.py and sample.py load it here
+
+def check_dirs(model_dir, adapter):
+    for what, path in (("model", model_dir), ("adapter", adapter)):
+        if path and not os.path.isdir(path):
+            raise EvalError(f"{path}: {what} directory not found")
+
+
+def load_model(model_dir, adapter="", device="auto", dtype="float32"):
+    """-> (model in eval mode with the adapter merged in, its tokenizer, the device). Errors are one-line EvalErrors."""
+    check_dirs(model_dir, adapter)
+    import torch
+    import model as model_lib
+    device = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.time()
+    try:
+        model = model_lib.Transformer.from_pretrained(model_dir, device=device, dtype=getattr(torch, dtype))
+        if adapter:
+            import beamlora
+            beamlora.load_adapter(model, adapter)
+            beamlora.merge_lora(model)  # W0 + scaling * B A, computed in fp32: generation at the base's speed
+            model.to(device)
+        from tokenizer import Tokenizer
+        tok = Tokenizer(model_dir)
+    except (ValueError, OSError, KeyError) as e:  # model.CheckpointError is a ValueError
+        raise EvalError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+    model.eval()
+    print(f"loaded {model_dir} {adapter} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return model, tok, device
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv):
     from configurator import ConfigError, parse_args
-    defaults = dict(model="", adapter="", task="", data="", limit=0, batch_size=8, max_new_tokens=0, out="out/eval",
-                    dtype="float32", device="auto", timeout=10.0)
     try:
-        cfg = parse_args(argv, defaults)
+        cfg = parse_args(argv, DEFAULTS, __file__)
     except ConfigError as e:
         raise UsageError(e) from None
     checks = {"task": (cfg["task"] in TASKS, "one of " + ", ".join(TASKS)), "model": (cfg["model"], "a checkpoint dir"),
@@ -469,29 +515,10 @@ def main(argv):
         if not ok:
             raise UsageError(f"--{key}={cfg[key]!r}: expected {want}")
     task, limit = cfg["task"], cfg["limit"] or None
-    for what in ("model", "adapter"):
-        if cfg[what] and not os.path.isdir(cfg[what]):
-            raise EvalError(f"{cfg[what]}: {what} directory not found")
+    check_dirs(cfg["model"], cfg["adapter"])
     # read the data before the slow imports and the model load: bad input fails fast
     examples = None if task == "ppl" else [make_example(task, row, cfg["data"], i) for i, row in read_jsonl(cfg["data"])][:limit]
-
-    import torch
-    import model as model_lib
-    device = cfg["device"] if cfg["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    t0 = time.time()
-    try:
-        model = model_lib.Transformer.from_pretrained(cfg["model"], device=device, dtype=getattr(torch, cfg["dtype"]))
-        if cfg["adapter"]:
-            import beamlora
-            beamlora.load_adapter(model, cfg["adapter"])
-            beamlora.merge_lora(model)  # W0 + scaling * B A, computed in fp32: generation at the base's speed
-            model.to(device)
-        from tokenizer import Tokenizer
-        tok = Tokenizer(cfg["model"])
-    except (ValueError, OSError, KeyError) as e:  # model.CheckpointError is a ValueError
-        raise EvalError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
-    model.eval()
-    print(f"loaded {cfg['model']} {cfg['adapter']} in {time.time() - t0:.1f}s", file=sys.stderr)
+    model, tok, device = load_model(cfg["model"], cfg["adapter"], cfg["device"], cfg["dtype"])
 
     settings = {k: cfg[k] for k in ("model", "adapter", "data", "limit", "batch_size", "dtype", "timeout")}
     settings["device"], t0, samples = device, time.time(), []

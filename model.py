@@ -393,8 +393,11 @@ class Transformer(nn.Module):
             a.kv_cache = None if batch == 0 else KVCache(batch, a.n_kv, max_len, a.head_dim, p.dtype, p.device)
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, seed=None, num_beams=1):
-        """prompts: lists of token ids (any lengths). Returns the new ids of each, without the stop id."""
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, seed=None, num_beams=1,
+                 on_token=None):
+        """prompts: lists of token ids (any lengths). Returns the new ids of each, without the stop id.
+        on_token(ids), if given, sees each step's new ids (B,) as they come (streaming; not with beams); True from
+        it stops early."""
         if num_beams > 1:
             return self.beam_search(prompts, max_new_tokens, num_beams, stop_ids)
         dev = self.lm_head.weight.device
@@ -423,7 +426,8 @@ class Transformer(nn.Module):
                 nxt = sample(logits, temperature, top_p, gen)
                 done |= torch.isin(nxt, stop)
                 out = torch.cat([out, nxt[:, None]], dim=1)
-                if done.all():
+                stop_now = on_token is not None and on_token(nxt)
+                if done.all() or stop_now:
                     break
                 start, cur = start + cur.shape[1], nxt[:, None]
         finally:
