@@ -37,26 +37,28 @@ def coerce(key, value, default):
 
 def documented(path, defaults):
     """The defaults block of the file at `path`, parsed: [(heading, key, description)] for every key of
-    `defaults`, in file order. description: the comment at the end of the key's line; heading: the comment
-    lines right above the key (a group's title), [] if none. A key not assigned at module level comes last,
-    undocumented."""
+    `defaults`, in file order. description: the comment at the end of the key's line, with any indented
+    comment lines right below it; heading: the unindented comment lines right above the key (a group's
+    title), [] if none. A key not assigned at module level comes last, undocumented."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
-    comments, alone = {}, set()  # line -> comment text; lines that hold only a comment
+    comments, alone = {}, {}  # line -> comment text; line -> column, for lines that hold only a comment
     for t in tokenize.generate_tokens(io.StringIO(source).readline):  # tokens: a '#' inside a string is no comment
         if t.type == tokenize.COMMENT:
             comments[t.start[0]] = t.string[1:].strip()
             if not t.line[:t.start[1]].strip():
-                alone.add(t.start[0])
+                alone[t.start[0]] = t.start[1]
     rows = {}
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
                 and node.targets[0].id in defaults and node.targets[0].id not in rows:
             heading, line = [], node.lineno - 1
-            while line in alone and comments[line].strip("-"):  # up to a blank line, code or a # ---- rule
+            while alone.get(line) == 0 and comments[line].strip("-"):  # up to a blank line, code or a # ---- rule
                 heading.insert(0, comments[line])
                 line -= 1
-            desc = comments.get(node.end_lineno, "") if node.end_lineno not in alone else ""
+            desc, line = comments.get(node.end_lineno, "") if node.end_lineno not in alone else "", node.end_lineno + 1
+            while desc and alone.get(line, 0) > 0:  # the description goes on, indented, on the lines below
+                desc, line = f"{desc} {comments[line]}", line + 1
             rows[node.targets[0].id] = (heading, node.targets[0].id, desc)
     return list(rows.values()) + [([], k, "") for k in defaults if k not in rows]
 

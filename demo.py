@@ -23,27 +23,28 @@ from configurator import parse_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
-out_dir = "out/demo"
-data_dir = os.path.join(HERE, "data", "demo", "build")
-seed = 1337
+# the data (data/demo/prepare.py), built once for each setting
+out_dir = "out/demo"  # the base (base/) and each method's run (<method>/) go here
+data_dir = os.path.join(HERE, "data", "demo", "build")  # the generated problems, corpus and tokenizer
+seed = 1337  # data, pretraining and fine-tuning
 n_train = 4000  # word problems to fine-tune on
 n_test = 200  # held-out problems for the accuracy table
 n_pretrain = 30000  # lines of pretraining text
-vocab_size = 768
+vocab_size = 768  # sentencepiece pieces (BPE may stop short of it)
 # the base: a LLaMA of ~1M parameters, pretrained for pretrain_steps x 32 blocks of 128 tokens.
 # Small and well trained beats larger and undertrained here: at dim 256 and 600 steps (same time) the
 # fine-tuned accuracy was 2-4%, at dim 128 and 1500 steps about 50%.
-dim = 128
-n_layers = 4
-n_heads = 4
-pretrain_steps = 1500
-pretrain_lr = 3e-3
+dim = 128  # hidden size
+n_layers = 4  # transformer blocks
+n_heads = 4  # attention heads (no GQA)
+pretrain_steps = 1500  # steps of 32 blocks of 128 tokens
+pretrain_lr = 3e-3  # peak learning rate of the pretraining (cosine to a tenth)
 # the fine-tune
-method = "beamlora"
-r = 8
-finetune_steps = 500
-finetune_lr = 5e-3
-batch_size = 16
+method = "beamlora"  # beamlora | lora | full (train.py's --method)
+r = 8  # LoRA rank (alpha = 2r)
+finetune_steps = 500  # steps of batch_size problems
+finetune_lr = 5e-3  # peak learning rate of the fine-tune
+batch_size = 16  # problems per step
 eval_limit = 0  # 0: all n_test problems
 max_new_tokens = 96  # a solution here is about 60 tokens
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
@@ -67,9 +68,9 @@ def base_config(n_vocab, cfg):
             "bos_token_id": 1, "eos_token_id": 2}
 
 
-def build_base(data, cfg):
-    """Pretrain the tiny base once; later runs find out_dir/base/model and its matching settings."""
-    import train
+def build_base(data, cfg, train):
+    """Pretrain the tiny base once; later runs find out_dir/base/model and its matching settings.
+    train: train.py's `run` (settings -> summary), handed over by the caller: this file imports nothing of train.py."""
     base_dir = os.path.join(cfg["out_dir"], "base")
     with open(os.path.join(data, "meta.json")) as f:
         meta = json.load(f)
@@ -87,12 +88,12 @@ def build_base(data, cfg):
         json.dump(want["config"], f, indent=2)
     print(f"base model: pretraining a {cfg['n_layers']}-layer, {cfg['dim']}-wide LLaMA from scratch "
           f"({cfg['pretrain_steps']} steps, built once)")
-    train.train(dict(train.DEFAULTS, out_dir=base_dir, model_config=os.path.join(base_dir, "config.json"),
-                     tokenizer=os.path.join(data, "tokenizer.model"), data=os.path.join(data, "pretrain.txt"),
-                     method="full", max_len=128, batch_size=32, micro_batch_size=32, max_steps=cfg["pretrain_steps"],
-                     lr=cfg["pretrain_lr"], min_lr=cfg["pretrain_lr"] / 10, warmup_ratio=0.05, weight_decay=0.1,
-                     beta2=0.99, dropout=0.0, dtype="float32", device="cpu", seed=cfg["seed"],
-                     log_interval=max(1, cfg["pretrain_steps"] // 10)))
+    train(out_dir=base_dir, model_config=os.path.join(base_dir, "config.json"),
+          tokenizer=os.path.join(data, "tokenizer.model"), data=os.path.join(data, "pretrain.txt"),
+          method="full", max_len=128, batch_size=32, micro_batch_size=32, max_steps=cfg["pretrain_steps"],
+          lr=cfg["pretrain_lr"], min_lr=cfg["pretrain_lr"] / 10, warmup_ratio=0.05, weight_decay=0.1,
+          beta2=0.99, dropout=0.0, dtype="float32", device="cpu", seed=cfg["seed"],
+          log_interval=max(1, cfg["pretrain_steps"] // 10))
     os.remove(os.path.join(base_dir, "ckpt.pt"))  # the optimizer state of a finished pretraining: not needed
     with open(stamp + ".tmp", "w") as f:
         json.dump(want, f)
@@ -100,18 +101,17 @@ def build_base(data, cfg):
     return os.path.join(base_dir, "model")
 
 
-def finetune(base, data, cfg):
-    import train
+def finetune(base, data, cfg, train):
     out = os.path.join(cfg["out_dir"], cfg["method"])
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time: events.jsonl and logs start empty
     steps = cfg["finetune_steps"]
     print(f"fine-tuning: {cfg['method']}, r={cfg['r']}, {steps} steps of {cfg['batch_size']} problems")
-    return train.train(dict(
-        train.DEFAULTS, out_dir=out, init_from=base, data=os.path.join(data, "train.jsonl"),
+    return train(
+        out_dir=out, init_from=base, data=os.path.join(data, "train.jsonl"),
         data_format="metamathqa", max_len=256, method=cfg["method"], r=cfg["r"], alpha=2.0 * cfg["r"], dropout=0.0,
         dt=max(2, steps // 8 // 2 * 2), p_init=0.9, max_steps=steps, batch_size=cfg["batch_size"],
         micro_batch_size=cfg["batch_size"], lr=cfg["finetune_lr"], warmup_ratio=0.05, dtype="float32", device="cpu",
-        seed=cfg["seed"], log_interval=max(1, steps // 8))), out
+        seed=cfg["seed"], log_interval=max(1, steps // 8)), out
 
 
 def accuracy(model_dir, adapter, data, out, cfg):
@@ -122,13 +122,13 @@ def accuracy(model_dir, adapter, data, out, cfg):
     return eval_lib.main(argv + ([f"--adapter={adapter}"] if adapter else []))
 
 
-def run(cfg):
+def run(cfg, train):
     t0 = time.time()
     data = load_prepare().prepare(cfg["data_dir"], seed=cfg["seed"], n_train=cfg["n_train"], n_test=cfg["n_test"],
                                   n_pretrain=cfg["n_pretrain"], vocab_size=cfg["vocab_size"])
-    base = build_base(data, cfg)
+    base = build_base(data, cfg, train)
     t1 = time.time()
-    result, out = finetune(base, data, cfg)
+    result, out = finetune(base, data, cfg, train)
     events = []
     if os.path.isfile(os.path.join(out, "events.jsonl")):
         with open(os.path.join(out, "events.jsonl")) as f:
@@ -148,13 +148,16 @@ def run(cfg):
     return {"base": before, "finetuned": after, "events": events, "train": result, "out": out}
 
 
-def main(argv=()):
-    return run(parse_args(list(argv), DEFAULTS))
+def main(argv, train):
+    """train: train.py's `run`. `python train.py` (no arguments) hands over its own; `python demo.py` imports it."""
+    return run(parse_args(list(argv), DEFAULTS, __file__), train)
 
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
+        cfg = parse_args(sys.argv[1:], DEFAULTS, __file__)  # --help before torch is imported
+        import train
+        run(cfg, train.run)
     except (ValueError, OSError) as e:
         if os.environ.get("BEAMLORA_DEBUG"):
             raise

@@ -49,7 +49,8 @@ from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by a config file and --key=value (see configurator.py)
-out_dir = "out"
+# model and data
+out_dir = "out"  # ckpt.pt, logs, adapter/ (or model/) and merged/ go here
 init_from = ""  # an HF checkpoint directory (config.json + safetensors)
 model_config = ""  # or a config.json for a fresh, randomly initialised model (pretraining, method full)
 tokenizer = ""  # tokenizer.model (or its directory); default: the one in init_from
@@ -57,25 +58,27 @@ data = ""  # training data: .jsonl instruction data, or .txt plain text (loss on
 val_data = ""  # held-out data in the same format: loss reported at eval_interval and at the end
 data_format = "metamathqa"  # metamathqa (query/response) | alpaca | gsm8k (question/answer) | chat (messages)
 max_len = 512  # tokens per example; longer ones are truncated (and counted)
+# method: LoRA on the target linears, or a method built on it (docs/README.md)
 method = "beamlora"  # full | lora | beamlora | dora | pissa | milora | adalora | relora | increlora (docs/)
-targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-r = 64
-alpha = 128.0  # the paper's runs: alpha = 2r
-dropout = 0.05
+targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the linears that get an adapter
+r = 64  # LoRA rank
+alpha = 128.0  # the update is scaled by alpha / r (the paper's runs: alpha = 2r)
+dropout = 0.05  # LoRA dropout on the adapter's input
 rslora = False  # scaling alpha / sqrt(r) instead of alpha / r (rsLoRA), for any LoRA-family method
 dora = False  # DoRA's magnitude and direction (dora.py) on any LoRA-family method: --method=beamlora --dora
 export_rank = 0  # > 0: pad every module of the exported adapter to this rank (servers that need one rank)
+# BeamLoRA (docs/BEAMLORA.md)
 tau = 0.05  # temperature of the rank scores (the authors use 0.03 when lr < 1e-4)
 dt = 0  # steps between prune/expand operations (0: total_steps // 12, rounded to even)
 p_init = 0.95  # initial top-p threshold (paper: 0.95 for r = 64, 0.96 for r = 32)
 end_step = 0  # p reaches 1 here (0: two thirds of the total steps, as in the paper)
 scope = "global"  # global (the authors' code) | module (the paper's text)
-no_expand = False  # ablations, BEAMLORA.md section 5
-random_assess = False
-static_p = False
-no_history = False
+no_expand = False  # ablation (paper Table 3): pruned ranks are zeroed, not refilled
+random_assess = False  # ablation: the same number of ranks, but pruned and source ranks drawn at random
+static_p = False  # ablation: the top-p threshold stays p_init
+no_history = False  # ablation: copy the source ranks as they are now, not from the dt/2 snapshot
 inherit_moments = "history"  # history: pruned ranks get the sources' historical AdamW moments (the paper's text);
-# keep: they keep their own, what the authors' code executes (docs/BEAMLORA.md, section 4)
+                             # keep: they keep their own, what the authors' code executes (docs/BEAMLORA.md, section 4)
 # AdaLoRA (docs/ADALORA.md) and IncreLoRA: --r is the final average rank, the budget r x modules LoRA has at r
 init_r = 0  # ranks per module at the start (0: adalora 3r/2, its paper's b(0) = 1.5 b(T); increlora r/2)
 tinit = -1  # steps at init_r before the budget falls (-1: a tenth of the steps)
@@ -96,36 +99,39 @@ incre_lr_warmup = -1  # lr warmup of the new ranks (-1: as long as the main warm
 relora_steps = 0  # steps per cycle: merge, re-initialise, prune the moments, restart the lr (0: a quarter of the steps)
 relora_warmup = 0  # steps of the lr warmup after each restart (0: min(50, relora_steps // 10), at least 1)
 relora_prune = 0.99  # fraction of each AdamW moment tensor of A and B zeroed at a restart, smallest magnitudes first
-epochs = 3
+# optimisation
+epochs = 3  # passes over the data
 max_steps = 0  # 0: epochs over the data
 batch_size = 32  # global batch, in examples, over all processes and accumulation steps
-micro_batch_size = 4
-lr = 3e-4
-min_lr = 0.0
+micro_batch_size = 4  # examples per forward/backward on one process
+lr = 3e-4  # peak learning rate
+min_lr = 0.0  # the schedule decays to this
 schedule = "cosine"  # cosine | linear (the authors' commonsense runs), after a linear warmup
 warmup_ratio = 0.03  # the authors' math and code runs
 warmup_steps = 0  # if > 0, overrides warmup_ratio (the authors' commonsense runs: 100)
-weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.999
-grad_clip = 1.0
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-device = "cuda" if torch.cuda.is_available() else "cpu"
+weight_decay = 0.0  # AdamW, on 2-d parameters only (not on scores or norms)
+beta1 = 0.9  # AdamW
+beta2 = 0.999  # AdamW
+grad_clip = 1.0  # max global gradient norm (0: no clipping)
+# system
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # float32 | bfloat16 | float16 (default: bfloat16 on a GPU that has it)
+device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu | cuda (torchrun: one GPU per process)
 gradient_checkpointing = False  # per block, non-reentrant: a 7B model on a 24 GB GPU needs it
-compile = False
-seed = 1337
-log_interval = 10
+compile = False  # torch.compile the model
+seed = 1337  # data order, adapter init and BeamLoRA's random choices
+# logging and checkpoints
+log_interval = 10  # steps between log lines (console and log.jsonl)
 eval_interval = 0  # 0: held-out loss only at the end
 score_log_interval = 0  # write rank importance (scores, ||b_i a_i||) to scores.jsonl every N steps
 save_interval = 0  # 0: checkpoint only at the end
-resume = False
+resume = False  # continue from out_dir/ckpt.pt
 overwrite = False  # a fresh run into an out_dir that holds a run's files deletes them (else it refuses)
 stop_after = 0  # stop with a checkpoint after this many steps of this run (a job time limit); --resume goes on
 save_merged = False  # also write merged/ (W0 + scaling * B diag(s) A), a plain HF checkpoint
-peak_flops = 989e12  # for MFU: H100 SXM dense bf16
-wandb_log = False
-wandb_project = "beamlora"
-wandb_run_name = "run"
+peak_flops = 0.0  # one device's peak FLOP/s for MFU; 0: by GPU name and dtype (GPU_PEAK_FLOPS), no MFU on CPU
+wandb_log = False  # log to Weights & Biases (needs wandb installed)
+wandb_project = "beamlora"  # W&B project
+wandb_run_name = "run"  # W&B run name
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # --resume: the keys that may differ from the checkpoint's, as they change where and how the run executes,
 # logs, checkpoints and exports, not what it computes. Every other key, a new method's too, must match.
@@ -583,6 +589,10 @@ def train(cfg):
         atomic_save(ck, ckpt_path)
 
     flops_per_token = 6 * n_train + 4 * n_frozen  # frozen matmuls: forward + input grads; trained: + weight grads
+    peak = cfg["peak_flops"] or device_peak_flops(cfg["device"], cfg["dtype"])  # None: no MFU (CPU, unknown GPU)
+    if master and not peak and dev_type == "cuda":
+        print(f"no MFU: no {cfg['dtype']} peak known for {torch.cuda.get_device_name(cfg['device'])}; "
+              "give --peak_flops=<FLOP/s of one GPU>")
     losses, t0, t_log, tokens_log, t_start = [], time.time(), time.time(), 0, time.time()
     start_step = step
     while step < total:
@@ -631,7 +641,7 @@ def train(cfg):
         if master and (step % cfg["log_interval"] == 0 or step == total):
             dtime = time.time() - t_log
             tok_s = tokens_log * world / dtime
-            mfu = tok_s * flops_per_token / (cfg["peak_flops"] * world)
+            mfu = tok_s * flops_per_token / (peak * world) if peak else None  # null in log.jsonl
             mem = torch.cuda.max_memory_allocated() / 2**30 if dev_type == "cuda" else peak_rss_gib()
             eta = (time.time() - t0) / (step - start_step) * (total - step)
             extra = log_extra(step)  # the method's own fields (BeamLoRA: p)
@@ -639,7 +649,8 @@ def train(cfg):
                    "lr": optimizer.param_groups[0]["lr"], **extra, "tok_s": tok_s, "mfu": mfu, "mem_gib": mem}
             extra_txt = "".join(f"{k} {v:.4g} | " if isinstance(v, float) else f"{k} {v} | " for k, v in extra.items())
             print(f"step {step}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {extra_txt}"
-                  f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | mem {mem:.2f} GiB | eta {eta / 60:.1f} min")
+                  f"{tok_s:,.0f} tok/s | " + (f"mfu {100 * mfu:.2f}% | " if peak else "") +
+                  f"mem {mem:.2f} GiB | eta {eta / 60:.1f} min")
             append_jsonl(os.path.join(cfg["out_dir"], "log.jsonl"), row)
             if cfg["wandb_log"]:
                 wandb.log(row)
@@ -703,11 +714,53 @@ def peak_rss_gib():
         return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB elsewhere
 
 
+# MFU's denominator: one GPU's dense (no 2:4 sparsity) tensor-core peak in TFLOP/s, bfloat16 | float16 | float32.
+# float32 runs use TF32 matmuls (allow_tf32 in train()), so their peak is TF32's where the GPU has it; fp16 is
+# with fp32 accumulation, as PyTorch runs it (GeForce cards do twice that with fp16 accumulation). The first
+# pattern found in torch.cuda.get_device_name() wins, so variants come before the plain name. Sources: NVIDIA's
+# datasheets for H100 (SXM, PCIe, NVL), H200 (SXM, NVL), A100, L40S, L40, L4, A10, A40, V100 and T4, and the
+# Ampere GA102 (RTX 3090, RTX A6000) and Ada AD102 (RTX 4090) architecture whitepapers; sparse figures halved.
+GPU_PEAK_FLOPS = [
+    (r"H100.*NVL", 835.5, 835.5, 417.5),
+    (r"H100.*PCIe", 756.5, 756.5, 378.0),
+    (r"H100", 989.5, 989.5, 494.5),  # SXM5: "NVIDIA H100 80GB HBM3"
+    (r"H200.*NVL", 835.5, 835.5, 417.5),
+    (r"\bH200", 989.5, 989.5, 494.5),  # SXM
+    (r"A100", 312.0, 312.0, 156.0),  # SXM4 and PCIe, 40 and 80 GB
+    (r"L40S", 362.0, 362.0, 183.0),
+    (r"\bL40\b", 181.0, 181.0, 90.5),
+    (r"\bL4\b", 121.0, 121.0, 60.0),
+    (r"\bA10\b", 125.0, 125.0, 62.5),  # not AWS's A10G, a different part
+    (r"\bA40\b", 149.7, 149.7, 74.8),
+    (r"RTX A6000", 154.8, 154.8, 77.4),
+    (r"RTX 4090(?! D)", 165.2, 165.2, 82.6),
+    (r"RTX 3090(?! Ti)", 71.0, 71.0, 35.6),
+    (r"V100.*SXM", None, 125.0, 15.7),  # no bf16, no TF32: fp32 on the CUDA cores
+    (r"V100.*PCIE", None, 112.0, 14.0),
+    (r"\bT4\b", None, 65.0, 8.1),
+]
+
+
+def device_peak_flops(device, dtype):
+    """One device's peak FLOP/s for `dtype`; None on the CPU, on an unlisted GPU or a dtype it has no peak for."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    row = next((row for row in GPU_PEAK_FLOPS if re.search(row[0], name)), None)
+    tflops = row and row[1 + ("bfloat16", "float16", "float32").index(dtype)]
+    return tflops * 1e12 if tflops else None
+
+
+def run(**overrides):
+    """train() with this file's defaults for every setting not given: what demo.py is handed."""
+    return train(dict(DEFAULTS, **overrides))
+
+
 def main(argv):
-    if not argv:  # no arguments: the offline demo
+    if not argv:  # no arguments: the offline demo, which calls back through `run` (it imports nothing of train.py)
         import demo
-        return demo.main()
-    train(parse_args(argv, DEFAULTS))
+        return demo.main([], run)
+    return train(parse_args(argv, DEFAULTS, __file__))
 
 
 if __name__ == "__main__":

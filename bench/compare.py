@@ -112,7 +112,8 @@ def main(argv):
         data_dir = demo.load_prepare().prepare(dcfg["data_dir"], seed=dcfg["seed"], n_train=dcfg["n_train"],
                                                n_test=dcfg["n_test"], n_pretrain=dcfg["n_pretrain"],
                                                vocab_size=dcfg["vocab_size"])
-        base = demo.build_base(data_dir, dcfg)
+        import train
+        base = demo.build_base(data_dir, dcfg, train.run)
         data, test = data or os.path.join(data_dir, "train.jsonl"), test or os.path.join(data_dir, "test.jsonl")
     for key, path in (("base", base), ("data", data), ("test", test)):
         if not os.path.exists(path):

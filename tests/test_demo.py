@@ -17,13 +17,15 @@ TINY = dict(n_train=96, n_test=6, n_pretrain=600, vocab_size=420, dim=32, n_laye
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     import demo
+    import train
     tmp = tmp_path_factory.mktemp("demo")
     argv = [f"--out_dir={tmp / 'out'}", f"--data_dir={tmp / 'data'}"] + [f"--{k}={v}" for k, v in TINY.items()]
-    return demo.main(argv), argv, tmp
+    return demo.main(argv, train.run), argv, tmp
 
 
 def test_demo_end_to_end(demo_run, capsys):
     import demo
+    import train
     res, argv, tmp = demo_run
     base = tmp / "out" / "base" / "model"
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(base))
@@ -39,7 +41,7 @@ def test_demo_end_to_end(demo_run, capsys):
         assert (ref - Transformer.from_pretrained(str(base))(x)).abs().max() <= 1e-4
     # a second run reuses the data and the base
     capsys.readouterr()
-    demo.main(argv)
+    demo.main(argv, train.run)
     out = capsys.readouterr().out
     assert "up to date" in out and "base model: reusing" in out and "| base + beamlora adapter |" in out
 

@@ -266,3 +266,40 @@ def test_cli_one_line_errors(base, demo_data, tmp_path):
                               cwd=tmp_path, timeout=120)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr and proc.stderr.startswith("error: ")
+
+
+# -----------------------------------------------------------------------------
+# MFU against the device the run is on: dense peaks from NVIDIA's datasheets and whitepapers (sparse figures
+# halved), TF32's for float32 (train.py allows TF32 matmuls); none where no peak is known for the device
+
+@pytest.mark.parametrize("name, dtype, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.5), ("NVIDIA H100 80GB HBM3", "float32", 494.5),  # SXM5
+    ("NVIDIA H100 PCIe", "bfloat16", 756.5), ("NVIDIA H100 PCIe", "float32", 378.0), ("NVIDIA H100 NVL", "float16", 835.5),
+    ("NVIDIA H200", "bfloat16", 989.5), ("NVIDIA H200 NVL", "bfloat16", 835.5),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0), ("NVIDIA A100-PCIE-40GB", "float32", 156.0),
+    ("NVIDIA A100 80GB PCIe", "float16", 312.0), ("NVIDIA L40S", "bfloat16", 362.0), ("NVIDIA L40", "bfloat16", 181.0),
+    ("NVIDIA L4", "bfloat16", 121.0), ("NVIDIA A10", "bfloat16", 125.0), ("NVIDIA RTX A6000", "bfloat16", 154.8),
+    ("NVIDIA GeForce RTX 4090", "bfloat16", 165.2), ("NVIDIA GeForce RTX 3090", "float32", 35.6),
+    ("Tesla V100-SXM2-16GB", "float16", 125.0), ("Tesla V100-SXM2-16GB", "float32", 15.7),
+    # never another device's peak: no bf16 on a V100, and parts that only look like a listed one
+    ("Tesla V100-SXM2-16GB", "bfloat16", None), ("NVIDIA A10G", "bfloat16", None),
+    ("NVIDIA GeForce RTX 3090 Ti", "bfloat16", None), ("NVIDIA GeForce RTX 4090 D", "bfloat16", None),
+    ("NVIDIA GH200 480GB", "bfloat16", None), ("NVIDIA B200", "bfloat16", None), ("AMD Instinct MI300X", "bfloat16", None),
+])
+def test_peak_flops_by_device_name(monkeypatch, name, dtype, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert train.device_peak_flops("cuda:0", dtype) == (tflops * 1e12 if tflops else None)
+    assert train.device_peak_flops("cpu", dtype) is None
+
+
+def test_no_mfu_on_cpu(base, demo_data, tmp_path, capsys):
+    train.train(cfg_for(base, demo_data, tmp_path / "auto", method="lora", max_steps=4, log_interval=2))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and all("tok/s" in line and "mfu" not in line for line in lines)
+    assert [json.loads(line)["mfu"] for line in open(tmp_path / "auto" / "log.jsonl")] == [None, None]
+    # a peak given by hand is the user's word for this device: used anywhere
+    train.train(cfg_for(base, demo_data, tmp_path / "given", method="lora", max_steps=4, log_interval=2, peak_flops=1e9))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    rows = [json.loads(line) for line in open(tmp_path / "given" / "log.jsonl")]
+    assert all(f"mfu {100 * r['mfu']:.2f}%" in line for r, line in zip(rows, lines))
+    assert rows[0]["mfu"] / rows[0]["tok_s"] == pytest.approx(rows[1]["mfu"] / rows[1]["tok_s"])  # flops/token / peak
