@@ -1,9 +1,10 @@
 # sample.py on a tiny random Llama with the demo tokenizer: greedy equals model.generate, a seeded sample
-# repeats, an adapter (ours) gives eval.py's outputs, a PEFT adapter gives transformers + PEFT's, the text
-# streamed is the text returned, and bad input is one line with no traceback.
+# repeats, an adapter (ours) gives eval.py's outputs and so does the merged checkpoint, a PEFT adapter gives
+# transformers + PEFT's, the text streamed is the text returned, and bad input is one line with no traceback.
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,6 +74,12 @@ def test_adapter_equals_eval(base, demo_data, adapter, tmp_path):
     got = sample.main([f"--model={base}", f"--adapter={adapter}", "--template=metamath", f"--prompt_file={data}",
                        "--max_new_tokens=16"], io.StringIO())
     assert got == want
+    # a merged checkpoint (train.py --save_merged writes the same) gives the same outputs
+    beamlora.merge_lora(beamlora.load_adapter(Transformer.from_pretrained(base), adapter)).save_pretrained(
+        str(tmp_path / "merged"))
+    shutil.copy(os.path.join(base, "tokenizer.model"), tmp_path / "merged")
+    assert sample.main([f"--model={tmp_path / 'merged'}", "--template=metamath", f"--prompt_file={data}",
+                        "--max_new_tokens=16"], io.StringIO()) == got
     base_only = sample.main([f"--model={base}", "--template=metamath", f"--prompt_file={data}",
                              "--max_new_tokens=16"], io.StringIO())
     assert base_only != got  # the adapter changes the outputs
