@@ -149,18 +149,29 @@ def one_line_error(p, code, *words):
     assert all(w in lines[0] for w in words), lines[0]
 
 
-def test_bad_input(base, tmp_path):
-    one_line_error(run(f"--model={tmp_path / 'nope'}", "--prompt=hi"), 1, "nope", "model directory not found")
-    one_line_error(run(f"--model={base}", f"--adapter={tmp_path / 'nope'}", "--prompt=hi"), 1, "adapter directory")
-    one_line_error(run(f"--model={base}", f"--prompt_file={tmp_path / 'p.txt'}"), 1, "p.txt", "not found")
-    one_line_error(run(f"--model={base}", f"--prompt_file={tmp_path / 'p.jsonl'}"), 1, "p.jsonl", "not found")
-    (tmp_path / "p.jsonl").write_text('{"question": "q"}\n{"answer": 1}\n')
-    one_line_error(run(f"--model={base}", f"--prompt_file={tmp_path / 'p.jsonl'}"), 1, "p.jsonl:2", "missing field")
-    one_line_error(run(f"--model={base}"), 2, "--prompt")
-    one_line_error(run(f"--model={base}", "--prompt=hi", "--template=chatml"), 2, "--template", "alpaca")
-    one_line_error(run(f"--model={base}", "--prompt=hi", "--top_p=0"), 2, "--top_p")
-    one_line_error(run(f"--model={base}", "--prompt=hi", "--bogus=1"), 2, "--bogus", "--prompt_file")
+def test_bad_input_is_one_line(base, tmp_path):
+    # the command line: bad input exits 1, bad options 2, each with one line on stderr and no traceback
     empty = tmp_path / "empty"
     empty.mkdir()
+    one_line_error(run(f"--model={tmp_path / 'nope'}", "--prompt=hi"), 1, "nope", "model directory not found")
     one_line_error(run(f"--model={base}", f"--adapter={empty}", "--prompt=hi"), 1, "adapter_config.json")
-    one_line_error(run(f"--model={empty}", "--prompt=hi"), 1, str(empty))  # no weights
+    one_line_error(run(f"--model={base}"), 2, "--prompt")
+
+
+@pytest.mark.parametrize("args, usage, words", [
+    (["--adapter={tmp}/nope", "--prompt=hi"], False, ["adapter directory not found"]),
+    (["--prompt_file={tmp}/p.txt"], False, ["p.txt", "not found"]),
+    (["--prompt_file={tmp}/p.jsonl"], False, ["p.jsonl", "not found"]),
+    (["--prompt_file={tmp}/bad.jsonl"], False, ["bad.jsonl:2", "missing field"]),
+    (["--prompt=hi", "--template=chatml"], True, ["--template", "alpaca"]),
+    (["--prompt=hi", "--top_p=0"], True, ["--top_p"]),
+    (["--prompt=hi", "--temperature=-1"], True, ["--temperature"]),
+    (["--prompt=hi", "--bogus=1"], True, ["--bogus", "--prompt_file"]),
+    (["--prompt=hi", "--model={tmp}"], False, ["{tmp}"]),  # a directory with no weights
+])
+def test_bad_input(base, tmp_path, args, usage, words):
+    (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n{"answer": 1}\n')
+    with pytest.raises(ev.EvalError) as e:
+        sample.main([f"--model={base}"] + [a.format(tmp=tmp_path) for a in args], io.StringIO())
+    assert isinstance(e.value, ev.UsageError) == usage
+    assert all(w.format(tmp=tmp_path) in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
