@@ -20,7 +20,7 @@ RSS above the RSS after the imports.
 with random weights, r = 64 on all seven linears, frozen base in bf16 with bf16 autocast (adapters
 fp32, fused AdamW), sequence 2048, micro batch 1, activation checkpointing. Each configuration runs in
 its own process: tokens/s, MFU (train.py's count: 6 N_trained + 4 N_frozen per token, embeddings not
-counted, against peak_flops) and torch.cuda.max_memory_allocated after the model is built (weights
+counted, against the GPU's own peak from train.py's table, or --peak_flops) and torch.cuda.max_memory_allocated after the model is built (weights
 included). The two sides draw different random weights (same init scheme; losses are compared on the
 CPU shapes). Three processes of ~1 minute each; needs ~25 GB of GPU memory.
 """
@@ -63,7 +63,7 @@ DEFAULTS = dict(
     gpu_r=64,
     gpu_steps=12,  # timed steps per configuration (a multiple of dt: whole beam intervals)
     gpu_warmup=3,
-    peak_flops=989e12,  # H100 SXM dense bf16, as train.py
+    peak_flops=0.0,  # one GPU's peak FLOP/s for MFU; 0: train.device_peak_flops (by name), none if unknown
     out_json="",  # default: out/bench/bench_train.json (bench_train_gpu.json for --gpu_recipe)
     child="",  # internal: a subprocess's spec (JSON)
 )
@@ -324,9 +324,11 @@ def child(spec):
     ops0 = run.ops
     step_s = timed(run, spec["steps"], batch)
     tok_s = batch[0].numel() / step_s
+    import train
+    peak = spec.get("peak_flops") or train.device_peak_flops(spec["device"], spec["dtype"])  # None: no MFU
     print("RESULT " + json.dumps({
         "which": spec["which"], "peak_mem": peak_mem(spec["device"], base), "step_s": step_s, "tok_s": tok_s,
-        "mfu": tok_s * (6 * run.n_train + 4 * run.n_frozen) / spec.get("peak_flops", 989e12),
+        "mfu": tok_s * (6 * run.n_train + 4 * run.n_frozen) / peak if peak else None,
         "n_train": run.n_train, "n_frozen": run.n_frozen, "ops": run.ops - ops0, "warmup_losses": losses}))
 
 
@@ -347,6 +349,10 @@ def run_child(spec):
 # ----------------------------------------------------------------------------------------------
 # the GPU recipe
 
+def pct(mfu):
+    return f"{100 * mfu:.1f}%" if mfu is not None else "n/a (no peak known for this device)"
+
+
 def gpu_recipe(cfg):
     shape = SHAPES["tiny" if cfg["tiny"] else "llama2-7b"]
     r = min(cfg["gpu_r"], shape["model"]["hidden_size"] // 4) if cfg["tiny"] else cfg["gpu_r"]
@@ -358,7 +364,7 @@ def gpu_recipe(cfg):
     for c in CONFIGS:
         res[c] = run_child(dict(spec, which=c))
         x = res[c]
-        print(f"{c}: {x['tok_s']:,.0f} tokens/s, MFU {100 * x['mfu']:.1f}%, peak {x['peak_mem'] / 2**30:.2f} GiB, "
+        print(f"{c}: {x['tok_s']:,.0f} tokens/s, MFU {pct(x['mfu'])}, peak {x['peak_mem'] / 2**30:.2f} GiB, "
               f"{x['ops']} operation(s) in {steps} steps", flush=True)
     o, h, b = res["ours LoRA"], res["HF+PEFT LoRA"], res["ours BeamLoRA"]
     m = shape["model"]
@@ -366,7 +372,7 @@ def gpu_recipe(cfg):
           f"random weights, r={r} on {cfg['targets']}, bf16 base + autocast, seq {shape['seq']} x micro batch "
           f"{shape['batch']}, activation checkpointing, {cfg['device']}; {steps} timed steps after {cfg['gpu_warmup']}:\n\n"
           "| configuration | tokens/s | MFU | peak memory GiB |\n|---|---|---|---|\n"
-          + "\n".join(f"| {c} | {x['tok_s']:,.0f} | {100 * x['mfu']:.1f}% | {x['peak_mem'] / 2**30:.2f} |"
+          + "\n".join(f"| {c} | {x['tok_s']:,.0f} | {pct(x['mfu'])} | {x['peak_mem'] / 2**30:.2f} |"
                       for c, x in res.items())
           + f"\n\nours / HF+PEFT: tokens/s {o['tok_s'] / h['tok_s']:.3f}, peak memory {o['peak_mem'] / h['peak_mem']:.3f}; "
           f"BeamLoRA / LoRA step time {b['step_s'] / o['step_s']:.3f} ({b['ops']} operations averaged in)")
