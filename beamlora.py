@@ -66,7 +66,6 @@ class LoRALinear(nn.Module):
         return None if self.gate is None else self.gate()
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
         xd = self.dropout(x)  # the same tensor as x when there is no dropout (or in eval)
         h = F.linear(xd.to(self.lora_A.dtype), self.lora_A)  # (..., r)
         # scaling (and the gate's s) multiply the r-wide h rather than the out-wide B h: same result, cheaper
@@ -74,7 +73,8 @@ class LoRALinear(nn.Module):
         h = h * (self.scaling if s is None else self.scaling * s)
         lora = F.linear(h, self.lora_B)  # (..., out)
         if self.lora_magnitude_vector is not None:  # DoRA rescales each output row (dora.py)
-            return dora.forward(self, x, xd, y, lora)
+            return dora.forward(self, x, xd, lora)
+        y = F.linear(x, self.weight, self.bias)
         return y + lora.to(y.dtype)
 
     def folded_A(self):

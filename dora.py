@@ -6,7 +6,7 @@ from the paper or PEFT, are in docs/DORA.md.
 
     add_magnitudes   fill the layer's lora_magnitude_vector seam: m = ||W0 + scaling B diag(s) A||_row
     weight_norm      that row norm, a constant in backward (fp32, no graph)
-    forward          the layer's output with DoRA, PEFT's formula term for term (dropout, bias)
+    forward          the layer's output with DoRA, PEFT's formula (dropout, bias)
     merged_weight    m / ||W|| * W for a merged checkpoint
 
 With a gate (BeamLoRA's score, ...) s is folded into A everywhere, so `--method=beamlora --dora` needs
@@ -34,21 +34,23 @@ def add_magnitudes(modules):
     return modules
 
 
-def forward(m, x, xd, y, lora):
+def forward(m, x, xd, lora):
     """DoRA's output of layer m. x: its input, xd: x after the adapter's dropout (the same tensor as x
-    when there is none), y = W0 x + bias, lora = scaling B (s * A xd) (..., out).
-    With g = m / ||W0 + scaling B diag(s) A|| (out,), PEFT's Linear + DoraLinearLayer compute
+    when there is none), lora = scaling B (s * A xd) (..., out). With g = m / ||W0 + scaling B diag(s) A||
+    (out,), PEFT's Linear + DoraLinearLayer compute
 
-        y + (g - 1) * W0 xd + g * lora
+        W0 x + bias + (g - 1) * W0 xd + g * lora
 
-    which without dropout is g * (W0 x + lora) + bias: the bias is not rescaled. With dropout (in
-    training) the base path keeps W0 x undropped and only the rescaling term sees xd."""
+    which without dropout is g * (W0 x + lora) + bias, computed so in fewer passes over the (..., out)
+    activations: the bias is not rescaled. With dropout (in training) the base path keeps W0 x
+    undropped and only the rescaling term sees xd."""
     g = m.lora_magnitude_vector / weight_norm(m)  # (out,) fp32
+    base = F.linear(x, m.weight)  # W0 x (..., out)
     if xd is x:
-        base = y if m.bias is None else y - m.bias  # W0 x
-    else:
-        base = F.linear(xd, m.weight)  # W0 xd
-    return y + ((g - 1) * base + g * lora).to(y.dtype)
+        out = g * (base + lora) if m.bias is None else torch.addcmul(m.bias, g, base + lora)
+        return out.to(base.dtype)
+    y = base if m.bias is None else base + m.bias
+    return y + ((g - 1) * F.linear(xd, m.weight) + g * lora).to(y.dtype)
 
 
 @torch.no_grad()
