@@ -480,7 +480,18 @@ def load_adapter(model, adapter_dir, dtype=torch.float32):
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
             raise ValueError(f"{cfg_path}: {key!r} must be a positive number, got {cfg.get(key)!r}")
+    for key in ("rank_pattern", "alpha_pattern"):  # {module name pattern: number}, read by pattern_value
+        pattern = cfg.get(key) or {}
+        try:
+            ok = isinstance(pattern, dict) and all(re.compile(k) and isinstance(v, (int, float)) and
+                                                   not isinstance(v, bool) and v > 0 for k, v in pattern.items())
+        except re.error:
+            ok = False
+        if not ok:
+            raise ValueError(f"{cfg_path}: {key!r} must map module name patterns to positive numbers, got {pattern!r}")
     tensors = load_safetensors(st_path)
+    if not tensors:
+        raise ValueError(f"{st_path}: no tensors")
     # keys: base_model.model.<module>.lora_A.weight (PEFT may also write ".default" before ".weight");
     # DoRA adds base_model.model.<module>.lora_magnitude_vector (older PEFT: ...lora_magnitude_vector.weight)
     pat = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(\.weight)?$")

@@ -309,29 +309,44 @@ def extract_code(output):
 # -----------------------------------------------------------------------------
 # data and scoring
 
+def text_lines(path):
+    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is an error naming it."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EvalError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+
+
 def read_jsonl(path):
     if not os.path.isfile(path):
         raise EvalError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                row = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-            if row is not None and not isinstance(row, dict):
-                raise EvalError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows += [(i, row)] if row is not None else []
+    for i, line in text_lines(path):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+        if row is not None and not isinstance(row, dict):
+            raise EvalError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        rows += [(i, row)] if row is not None else []
     if not rows:
         raise EvalError(f"{path}: no examples")
     return rows
 
 
-def field(row, path, line, *keys):  # the first of `keys` the row has
+def field(row, path, line, *keys, kind=str):  # the first of `keys` the row has, of type `kind`
     for k in keys:
         if k in row:
+            if not isinstance(row[k], kind) or isinstance(row[k], bool):
+                raise EvalError(f"{path}:{line}: field {k!r} must be {KIND_NAMES[kind]}, not {json.dumps(row[k])[:40]}")
             return row[k]
     raise EvalError(f"{path}:{line}: missing field {' or '.join(map(repr, keys))}")
+
+
+ANSWER = (str, int, float)  # an answer field: a number is read as its text
+KIND_NAMES = {str: "a string", ANSWER: "a string or a number", list: "a list", (str, int): "a string or an integer"}
 
 
 def alpaca(row, path, line):
@@ -342,7 +357,7 @@ def alpaca(row, path, line):
 def make_example(task, row, path, line):
     """One jsonl row -> {"prompt", "gold", ...} for a generation task."""
     if task == "gsm8k":
-        gold = str(field(row, path, line, "answer")).split("####")[-1].strip()
+        gold = str(field(row, path, line, "answer", kind=ANSWER)).split("####")[-1].strip()
         if "####" not in str(row["answer"]) or not NUMBER.fullmatch(gold):
             raise EvalError(f"{path}:{line}: 'answer' does not end with '#### <number>'")
         return {"prompt": METAMATH.format(instruction=field(row, path, line, "question")), "gold": gold}
@@ -356,16 +371,18 @@ def make_example(task, row, path, line):
                 "gold_metamath": gold_mm}
     if task in COMMONSENSE:  # the instruction only, as LLM-Adapters; its label compared as it is
         return {"prompt": LLM_ADAPTERS.format(instruction=field(row, path, line, "instruction")),
-                "gold": str(field(row, path, line, "answer"))}
+                "gold": str(field(row, path, line, "answer", kind=ANSWER))}
     if task == "humaneval":  # WizardCoder's instruction for HumanEval
         ex = {k: field(row, path, line, k) for k in ("task_id", "prompt", "test", "entry_point")}
         return {**ex, "gold": ex["task_id"], "code_prompt": ex["prompt"],
                 "prompt": ALPACA.format(instruction="Create a Python script for this problem:\n" + ex["prompt"])}
-    tests = field(row, path, line, "test_list")
+    tests = field(row, path, line, "test_list", kind=list)
+    if not all(isinstance(t, str) for t in tests):
+        raise EvalError(f"{path}:{line}: field 'test_list' must be a list of strings")
     inst = (f"You are an expert Python programmer, and here is your task: {field(row, path, line, 'text')} "
             "Your code should pass these tests:\n\n" + "\n".join(tests))
-    return {"prompt": ALPACA.format(instruction=inst), "gold": field(row, path, line, "task_id"), "test_list": tests,
-            "test_setup_code": row.get("test_setup_code") or ""}
+    return {"prompt": ALPACA.format(instruction=inst), "gold": field(row, path, line, "task_id", kind=(str, int)),
+            "test_list": tests, "test_setup_code": row.get("test_setup_code") or ""}
 
 
 def score(task, output, ex, timeout=10.0):
@@ -422,26 +439,36 @@ def generate_all(model, tok, prompts, max_new_tokens, batch_size, stops, num_bea
     return outputs
 
 
-def ppl_sequences(tok, path, ctx):
-    """(inputs, targets) token lists: instruction data is scored on the response only (as train.py trains),
-    a .txt file on every token, in windows of the model's context."""
+def ppl_texts(path):
+    """What a ppl task scores, read and checked before the model loads: a .txt file's text, or
+    [(prompt, response)] of instruction data (scored on the response only, as train.py trains)."""
     if path.endswith(".txt"):
         if not os.path.isfile(path):
             raise EvalError(f"{path}: file not found")
-        with open(path, encoding="utf-8") as f:
-            ids = tok.encode(f.read(), bos=True)
-        if len(ids) < 2:
+        text = "".join(line for _, line in text_lines(path))
+        if not text.strip():
             raise EvalError(f"{path}: no text")
-        # windows of ctx + 1 tokens overlapping by one: every token after the first is predicted once
-        return [(ids[i:i + ctx], ids[i + 1:i + ctx + 1]) for i in range(0, len(ids) - 1, ctx)]
-    seqs = []
+        return text
+    texts = []
     for line, row in read_jsonl(path):
         if "query" in row or "question" in row:  # MetaMathQA, GSM8K
             prompt = ALPACA.format(instruction=field(row, path, line, "query", "question"))
-            response = field(row, path, line, "response", "answer")
+            response = field(row, path, line, "response", "answer", kind=ANSWER)
         else:
-            prompt, response = alpaca(row, path, line), field(row, path, line, "output")
-        p, r = tok.encode(prompt, bos=True), tok.encode(str(response)) + [tok.eos_id]
+            prompt, response = alpaca(row, path, line), field(row, path, line, "output", kind=ANSWER)
+        texts.append((prompt, str(response)))
+    return texts
+
+
+def ppl_sequences(tok, texts, ctx):
+    """(inputs, targets) token lists of ppl_texts, in windows of the model's context."""
+    if isinstance(texts, str):
+        ids = tok.encode(texts, bos=True)
+        # windows of ctx + 1 tokens overlapping by one: every token after the first is predicted once
+        return [(ids[i:i + ctx], ids[i + 1:i + ctx + 1]) for i in range(0, len(ids) - 1, ctx)]
+    seqs = []
+    for prompt, response in texts:
+        p, r = tok.encode(prompt, bos=True), tok.encode(response) + [tok.eos_id]
         ids = (p + r)[:ctx + 1]
         seqs.append((ids[:-1], ([-100] * (len(p) - 1) + r)[:len(ids) - 1]))
     return seqs
@@ -481,16 +508,24 @@ def load_model(model_dir, adapter="", device="auto", dtype="float32"):
     import torch
     import model as model_lib
     device = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device={device}: CUDA is not available here (torch {torch.__version__}); use --device=cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UsageError(f"--device={device}: there are {torch.cuda.device_count()} GPUs")
     t0 = time.time()
     try:
+        from tokenizer import Tokenizer
+        vocab = model_lib.ModelArgs.from_config(model_lib.load_config(model_dir),
+                                                os.path.join(model_dir, "config.json")).vocab_size
+        tok = Tokenizer(model_dir)  # checked against the model's config before any weight is read
+        if tok.n_words > vocab:
+            raise EvalError(f"{tok.path}: {tok.n_words} tokens, more than the model's vocab_size ({vocab})")
         model = model_lib.Transformer.from_pretrained(model_dir, device=device, dtype=getattr(torch, dtype))
         if adapter:
             import beamlora
             beamlora.load_adapter(model, adapter)
             beamlora.merge_lora(model)  # W0 + scaling * B A, computed in fp32: generation at the base's speed
             model.to(device)
-        from tokenizer import Tokenizer
-        tok = Tokenizer(model_dir)
     except (ValueError, OSError, KeyError) as e:  # model.CheckpointError is a ValueError
         raise EvalError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
     model.eval()
@@ -510,20 +545,22 @@ def main(argv):
               "data": (cfg["data"], "a .jsonl (or .txt for ppl) file"), "batch_size": (cfg["batch_size"] > 0, "> 0"),
               "dtype": (cfg["dtype"] in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
               "device": (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]), "auto, cpu or cuda"),
-              "limit": (cfg["limit"] >= 0, ">= 0, 0 = all"), "max_new_tokens": (cfg["max_new_tokens"] >= 0, ">= 0")}
+              "limit": (cfg["limit"] >= 0, ">= 0, 0 = all"), "max_new_tokens": (cfg["max_new_tokens"] >= 0, ">= 0"),
+              "timeout": (cfg["timeout"] > 0, "> 0 seconds"), "out": (not os.path.isfile(cfg["out"]), "a directory")}
     for key, (ok, want) in checks.items():
         if not ok:
             raise UsageError(f"--{key}={cfg[key]!r}: expected {want}")
     task, limit = cfg["task"], cfg["limit"] or None
     check_dirs(cfg["model"], cfg["adapter"])
     # read the data before the slow imports and the model load: bad input fails fast
-    examples = None if task == "ppl" else [make_example(task, row, cfg["data"], i) for i, row in read_jsonl(cfg["data"])][:limit]
+    examples = ppl_texts(cfg["data"]) if task == "ppl" else \
+        [make_example(task, row, cfg["data"], i) for i, row in read_jsonl(cfg["data"])][:limit]
     model, tok, device = load_model(cfg["model"], cfg["adapter"], cfg["device"], cfg["dtype"])
 
     settings = {k: cfg[k] for k in ("model", "adapter", "data", "limit", "batch_size", "dtype", "timeout")}
     settings["device"], t0, samples = device, time.time(), []
     if task == "ppl":
-        seqs = ppl_sequences(tok, cfg["data"], min(model.args.max_position_embeddings, 4096))[:limit]
+        seqs = ppl_sequences(tok, examples, min(model.args.max_position_embeddings, 4096))[:limit]
         loss, n_tokens = perplexity(model, seqs, cfg["batch_size"], device)
         summary = {"task": task, "loss": loss, "ppl": math.exp(loss), "tokens": n_tokens, "sequences": len(seqs)}
     else:
@@ -563,6 +600,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except EvalError as e:
+    except (EvalError, OSError) as e:  # OSError: writing the results (a full disk, no permission)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)

@@ -1,9 +1,10 @@
 """
-python tests/cli_cases.py CASES.json RESULTS.json: `python train.py ARGS` for each case, all in this one
-process (for test_resume.py: one interpreter start for dozens of cases). train.py runs as __main__ each
-time, with file descriptors 1 and 2 sent to files, so its stderr is exactly what a user's terminal shows
-(C-level writes and warnings included); an exception that escapes it is printed as the interpreter would.
-CASES.json: [{"id": ..., "argv": [...]}]; RESULTS.json: {id: {"code": exit status, "stderr": text}}.
+python tests/cli_cases.py CASES.json RESULTS.json: `python SCRIPT ARGS` for each case, all in this one
+process (for test_bad_input.py: one interpreter start for dozens of cases). The script runs as __main__
+each time, with file descriptors 1 and 2 sent to files, so its stderr is exactly what a user's terminal
+shows (C-level writes and warnings included); an exception that escapes it is printed as the interpreter
+would. CASES.json: [{"id", "script": train.py or eval.py, "argv": [...]}];
+RESULTS.json: {id: {"code": exit status, "stderr": text}}.
 """
 import json
 import os
@@ -12,8 +13,8 @@ import sys
 import tempfile
 import traceback
 
-TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
-sys.path.insert(0, os.path.dirname(TRAIN))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 cases_path, results_path = sys.argv[1:3]
 with open(cases_path) as f:
@@ -23,9 +24,9 @@ for case in cases:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         sys.stdout.flush(), sys.stderr.flush()
         os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
-        sys.argv, code = ["train.py", *case["argv"]], 0
+        sys.argv, code = [case["script"], *case["argv"]], 0
         try:
-            runpy.run_path(TRAIN, run_name="__main__")
+            runpy.run_path(os.path.join(ROOT, case["script"]), run_name="__main__")
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException:
