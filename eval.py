@@ -589,10 +589,14 @@ def main(argv):
             summary["status"] = {k: sum(s["status"] == k for s in samples) for k in ("passed", "failed", "timeout")}
     summary.update(seconds=round(time.time() - t0, 2), settings=settings)
     os.makedirs(cfg["out"], exist_ok=True)
-    with open(os.path.join(cfg["out"], f"{task}_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(cfg["out"], f"{task}_samples.jsonl"), "w") as f:
+    # each file whole or not at all (temp file, then rename): a kill never leaves a summary without its samples'
+    # rows, and an earlier result stays until the new one is complete; the samples first, the summary last
+    samples_path = os.path.join(cfg["out"], f"{task}_samples.jsonl")
+    with open(samples_path + ".tmp", "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
+    os.replace(samples_path + ".tmp", samples_path)
+    from beamlora import atomic_json  # torch is loaded by now
+    atomic_json(summary, os.path.join(cfg["out"], f"{task}_summary.json"))
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}))
     return summary
 

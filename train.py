@@ -248,7 +248,7 @@ def tokenize_file(path, tok, cfg):
             "labels": torch.tensor([t for e in examples for t in e[1]], dtype=torch.int32), "lens": lens}
     for cache in caches:
         try:
-            atomic_save(blob, cache)
+            atomic_save(blob, cache, tmp=f"{cache}.{os.getpid()}.tmp")  # DDP ranks may write it side by side
             break
         except OSError:  # read-only data folder: cache in out_dir instead
             continue
@@ -289,9 +289,9 @@ def lr_at(step, total, cfg):
     return cfg["min_lr"] + decay * (cfg["lr"] - cfg["min_lr"])
 
 
-def atomic_save(obj, path):
+def atomic_save(obj, path, tmp=None):
     # a temp file on disk, then renamed over the old one: a kill at any moment leaves the old file or the new
-    tmp = path + ".tmp"
+    tmp = tmp or path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()

@@ -51,8 +51,8 @@ def save(obj, f, *args, **kwargs):
     real_save(obj, f, *args, **kwargs)
 
 
-def atomic_save(obj, path):
-    real_atomic_save(obj, path)
+def atomic_save(obj, path, tmp=None):
+    real_atomic_save(obj, path, tmp)
     if where == "saved" and path.endswith("ckpt.pt") and obj["step"] == at:
         die()
 
