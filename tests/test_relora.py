@@ -135,7 +135,8 @@ def test_ddp_two_processes_match_one(base, demo_data, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [(dict(relora_warmup=6), "relora_warmup=6"),
-                                             (dict(relora_prune=1.0), "relora_prune=1.0")])
+                                             (dict(relora_prune=1.0), "relora_prune=1.0"),
+                                             (dict(dora=True), "--dora: not with --method=relora")])
 def test_bad_config(base, demo_data, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         train.train(re_cfg(base, demo_data, tmp_path / "bad", **change))
