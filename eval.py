@@ -39,6 +39,7 @@ out = "out/eval"  # <task>_summary.json and <task>_samples.jsonl go here
 dtype = "float32"  # float32 | bfloat16 | float16
 device = "auto"  # auto (cuda if there is one) | cpu | cuda | cuda:N
 timeout = 10.0  # seconds per humaneval/mbpp program
+compile = False  # greedy decoding with a static KV cache and the step under torch.compile (CUDA graphs on CUDA)
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # -----------------------------------------------------------------------------
 
@@ -424,15 +425,16 @@ def cut(text, stops):  # up to the first stop string, as vLLM's stop= (and LLM-A
     return text[:min([j for j in map(text.find, stops) if j >= 0], default=len(text))]
 
 
-def generate_all(model, tok, prompts, max_new_tokens, batch_size, stops, num_beams=1):
-    """Greedy (or beam search) outputs, decoded and cut at the first stop string, in the order of `prompts`."""
+def generate_all(model, tok, prompts, max_new_tokens, batch_size, stops, num_beams=1, decode="cache"):
+    """Greedy (or beam search) outputs, decoded and cut at the first stop string, in the order of `prompts`.
+    decode: model.generate's way (cache, static, compiled); beam search always runs the cache way."""
     ids = [tok.encode(p, bos=True) for p in prompts]
     # longest first: similar lengths share a batch (little padding) and running out of memory shows at once
     order, outputs, t0 = sorted(range(len(ids)), key=lambda i: -len(ids[i])), [None] * len(ids), time.time()
     for b in range(0, len(order), batch_size):
         batch = order[b:b + batch_size]
         new = model.generate([ids[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids,
-                             num_beams=num_beams)
+                             num_beams=num_beams, decode=decode)
         for i, toks in zip(batch, new):
             outputs[i] = cut(tok.decode(toks), stops)
         progress(min(b + batch_size, len(order)), len(order), t0, "generating")
@@ -568,8 +570,9 @@ def main(argv):
         settings["num_beams"] = NUM_BEAMS.get(task, 1)
         stops = {"gsm8k": METAMATH_STOPS, "math": METAMATH_STOPS, **{k: COMMONSENSE_STOPS for k in COMMONSENSE}}.get(
             task, ALPACA_STOPS)
+        settings["compile"] = cfg["compile"]
         outputs = generate_all(model, tok, [ex["prompt"] for ex in examples], max_new, cfg["batch_size"], stops,
-                               settings["num_beams"])
+                               settings["num_beams"], "compiled" if cfg["compile"] else "cache")
         for i, (ex, out) in enumerate(zip(examples, outputs)):
             mm = ex.get("gold_metamath", ex["gold"])  # shown where MetaMath reads another gold than ours
             gold_mm = {"gold_metamath": mm} if mm != ex["gold"] else {}

@@ -250,6 +250,10 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
 
     def update(self, start, k, v):
+        if torch.is_tensor(start):  # the static decode path: write slot `start` (1,), return the whole cache,
+            self.k[:, :, start] = k  # the same shapes at every step (the caller's mask hides unused slots)
+            self.v[:, :, start] = v
+            return self.k, self.v
         # write positions [start, start + T) and return everything cached so far
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
@@ -276,6 +280,11 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_start, k, v)  # (B, n_kv, S, hd)
+        g = self.n_head // self.n_kv
+        if torch.is_tensor(cache_start) and g > 1:  # static decode, T = 1: the g query heads of a kv head as g
+            # queries of that head, so SDPA's masked kernels serve GQA without copying the cache g times
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g, self.head_dim), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, -1))  # (B, n_kv, g, hd) is (B, n_head, 1, hd) in memory
         # grouped-query attention: each kv head serves n_head / n_kv query heads, without copying k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_head)
@@ -331,6 +340,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.gradient_checkpointing = False
+        self.static_kv, self.compiled_step = None, None  # generate(decode="static" | "compiled"), kept between calls
 
     def init_weights(self):
         # a fresh model (pretraining from scratch): normal(0, initializer_range) as HF, norms at 1
@@ -392,44 +402,90 @@ class Transformer(nn.Module):
             a = layer.self_attn
             a.kv_cache = None if batch == 0 else KVCache(batch, a.n_kv, max_len, a.head_dim, p.dtype, p.device)
 
+    def static_cache(self, batch, max_len):
+        """gpt-fast's static cache: preallocated, kept between generate calls and reused while it holds `batch` rows
+        and `max_len` slots (eval.py's batches come longest first), so every decode step and call has the same
+        shapes and a compiled step is traced once. static_cache(0, 0) frees it. -> (rows, slots) it holds."""
+        p, c = self.lm_head.weight, self.static_kv
+        if batch == 0 or c is None or c[0].k.shape[0] < batch or c[0].k.shape[2] < max_len or c[0].k.dtype != p.dtype \
+                or c[0].k.device != p.device:
+            self.static_kv = None  # free the old one before allocating
+            if batch == 0:
+                return 0, 0
+            max_len = -(-max_len // 256) * 256  # nearby lengths share one cache, and one compiled step
+            self.static_kv = [KVCache(batch, layer.self_attn.n_kv, max_len, layer.self_attn.head_dim, p.dtype, p.device)
+                              for layer in self.model.layers]
+            for cache in self.static_kv:  # CUDA graphs write into these in place, never copy them in
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+        return self.static_kv[0].k.shape[0], self.static_kv[0].k.shape[2]
+
+    def decode_step(self, tok, slot, positions, valid):
+        """One token per row through the static cache: tok (B, 1) at cache slot `slot` (1,); positions and valid
+        (B, S) cover the whole cache. Fixed shapes at every step -> the next token's logits (B, vocab), fp32."""
+        k_idx = torch.arange(valid.shape[1], device=valid.device)
+        mask = make_mask(valid, slot, k_idx, self.args.sliding_window)  # (B, 1, 1, S): slots after `slot` hidden
+        return self.run(tok, positions.index_select(1, slot), mask, cache_start=slot, last_only=True)[:, -1].float()
+
+    def compiled_decode_step(self):
+        # CUDA graphs on CUDA ("reduce-overhead": one launch per token); fullgraph: a graph break is an error
+        if self.compiled_step is None:
+            mode = "reduce-overhead" if self.lm_head.weight.is_cuda else None
+            self.compiled_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        return self.compiled_step
+
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, seed=None, num_beams=1,
-                 on_token=None):
+                 on_token=None, decode="cache"):
         """prompts: lists of token ids (any lengths). Returns the new ids of each, without the stop id.
         on_token(ids), if given, sees each step's new ids (B,) as they come (streaming; not with beams); True from
-        it stops early."""
+        it stops early. decode: "cache" (a KV cache sliced to the tokens so far), "static" (gpt-fast: a preallocated
+        cache over the whole length, kept between calls, attention masked over unused slots: the same shapes at
+        every step) or "compiled" (static, the one-token step under torch.compile). Beams always run the "cache" way."""
         if num_beams > 1:
             return self.beam_search(prompts, max_new_tokens, num_beams, stop_ids)
+        if decode not in ("cache", "static", "compiled"):
+            raise ValueError(f"decode={decode!r}: expected cache, static or compiled")
         dev = self.lm_head.weight.device
         stop = torch.tensor(sorted(set(stop_ids if stop_ids is not None else self.eos_ids())), device=dev)
         B, L = len(prompts), max(len(p) for p in prompts)
-        S = L + max_new_tokens
-        tokens = torch.zeros(B, L, dtype=torch.long, device=dev)
-        valid = torch.ones(B, S, dtype=torch.bool, device=dev)  # left padding is invalid, all the rest valid
+        static = decode != "cache"
+        R, S = self.static_cache(B, L + max_new_tokens) if static else (B, L + max_new_tokens)  # R >= B rows
+        tokens = torch.zeros(R, L, dtype=torch.long, device=dev)
+        valid = torch.ones(R, S, dtype=torch.bool, device=dev)  # left padding is invalid, all the rest valid
         for i, p in enumerate(prompts):
             tokens[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[i, :L - len(p)] = False
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+        tokens[B:], valid[B:] = tokens[0], valid[0]  # a larger static cache's spare rows: row 0 again, ignored
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (R, S)
         slots = torch.arange(S, device=dev)
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
         was_training = self.training
         self.eval()
-        self.setup_cache(B, S)
+        if static:
+            step = self.compiled_decode_step() if decode == "compiled" else self.decode_step
+            for layer, cache in zip(self.model.layers, self.static_kv):
+                layer.self_attn.kv_cache = cache
+        else:
+            self.setup_cache(B, S)
         out = torch.empty(B, 0, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         try:
             start, cur = 0, tokens
             for _ in range(max_new_tokens):
-                q = slots[start:start + cur.shape[1]]
-                mask = make_mask(valid[:, :start + cur.shape[1]], q, slots[:start + cur.shape[1]], self.args.sliding_window)
-                logits = self.run(cur, positions[:, q], mask, cache_start=start, last_only=True)[:, -1].float()
-                nxt = sample(logits, temperature, top_p, gen)
+                if static and start > 0:  # one token per row; the prompt (start 0) runs as on the "cache" way
+                    logits = step(cur, torch.full((1,), start, device=dev), positions, valid)
+                else:
+                    q = slots[start:start + cur.shape[1]]
+                    mask = make_mask(valid[:, :start + cur.shape[1]], q, slots[:start + cur.shape[1]], self.args.sliding_window)
+                    logits = self.run(cur, positions[:, q], mask, cache_start=start, last_only=True)[:, -1].float()
+                nxt = sample(logits[:B], temperature, top_p, gen)
                 done |= torch.isin(nxt, stop)
                 out = torch.cat([out, nxt[:, None]], dim=1)
                 stop_now = on_token is not None and on_token(nxt)
                 if done.all() or stop_now:
                     break
-                start, cur = start + cur.shape[1], nxt[:, None]
+                start, cur = start + cur.shape[1], F.pad(nxt, (0, R - B))[:, None]
         finally:
             self.setup_cache(0, 0)
             self.train(was_training)

@@ -179,6 +179,37 @@ def test_batched_greedy_generation_matches_transformers(tmp_path, name):
     assert [ours.generate([p], 24, stop_ids=[])[0] for p in prompts] == got
 
 
+@pytest.mark.parametrize("name", ["llama_mha", "llama_gqa", "mistral_window"])
+def test_static_cache_decoding_matches_transformers(tmp_path, name):
+    # decode="static": gpt-fast's preallocated cache over the whole length, kept and reused by later calls;
+    # "compiled": that step traced whole by torch.compile (here the aot_eager backend: the trace, on any machine)
+    hf, path = write_hf(tmp_path, name)
+    ours = Transformer.from_pretrained(path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 12, 1, 8)]
+    ids, mask = left_pad(prompts)
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].tolist()
+    assert ours.generate(prompts, 24, stop_ids=[], decode="static") == ref
+    cache = ours.static_kv
+    assert cache[0].k.shape[2] > 12 + 24  # longer than needed: the unused slots are masked
+    # fewer and shorter prompts reuse it (spare rows); stops and seeded sampling as the cache way
+    assert ours.generate(prompts[1:3], 20, stop_ids=[], decode="static") == [r[:20] for r in ref[1:3]]
+    stop = ref[1][3]
+    assert ours.generate(prompts[:2], 24, stop_ids=[stop], decode="static") == \
+        ours.generate(prompts[:2], 24, stop_ids=[stop]) != ref[:2]
+    sampled = ours.generate(prompts[2:], 16, temperature=1.0, top_p=0.9, seed=5, stop_ids=[])
+    assert ours.generate(prompts[2:], 16, temperature=1.0, top_p=0.9, seed=5, stop_ids=[], decode="static") == sampled
+    assert ours.static_kv is cache and all(layer.self_attn.kv_cache is None for layer in ours.model.layers)
+    ours.compiled_step = torch.compile(ours.decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
+    assert ours.generate(prompts, 24, stop_ids=[], decode="compiled") == ref
+    assert ours.generate(prompts[::-1], 24, stop_ids=[], decode="compiled") == ref[::-1]
+    with pytest.raises(ValueError, match="decode='fast'"):
+        ours.generate(prompts, 2, decode="fast")
+    ours.static_cache(0, 0)
+    assert ours.static_kv is None
+
+
 def test_generation_stops_per_sequence(tmp_path):
     hf, path = write_hf(tmp_path, "llama_gqa")
     ours = Transformer.from_pretrained(path)
