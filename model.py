@@ -474,6 +474,8 @@ class Transformer(nn.Module):
             start, cur = 0, tokens
             for _ in range(max_new_tokens):
                 if static and start > 0:  # one token per row; the prompt (start 0) runs as on the "cache" way
+                    if decode == "compiled":  # CUDA graphs may now reuse the last step's output memory
+                        torch.compiler.cudagraph_mark_step_begin()
                     logits = step(cur, torch.full((1,), start, device=dev), positions, valid)
                 else:
                     q = slots[start:start + cur.shape[1]]

@@ -116,9 +116,11 @@ def main(argv):
     assert abs(a["grad_h"] - b["grad_h"]) <= 1e-2 * abs(a["grad_h"]), (a["grad_h"], b["grad_h"])
     out = {"config": cfg, "torch": torch.__version__, "results": res, "memory_ratio": b["peak_bytes"] / a["peak_bytes"],
            "time_ratio": b["s"] / a["s"]}
-    print(f"vocab {cfg['vocab']}, {cfg['batch']} x {cfg['seq']} tokens, dim {cfg['dim']}, {cfg['dtype']}, {cfg['device']}: "
-          f"peak memory of the loss {a['peak_bytes'] / 2**30:.2f} GiB -> {b['peak_bytes'] / 2**30:.2f} GiB "
-          f"({out['memory_ratio']:.3f}x), time {a['s']:.3f} s -> {b['s']:.3f} s ({out['time_ratio']:.3f}x)")
+    out["markdown"] = (f"vocab {cfg['vocab']}, {cfg['batch']} x {cfg['seq']} tokens, dim {cfg['dim']}, {cfg['dtype']}, "
+                       f"{cfg['device']}: peak memory of the loss {a['peak_bytes'] / 2**30:.2f} GiB -> "
+                       f"{b['peak_bytes'] / 2**30:.2f} GiB ({out['memory_ratio']:.3f}x), time {a['s']:.3f} s -> "
+                       f"{b['s']:.3f} s ({out['time_ratio']:.3f}x)")
+    print(out["markdown"])
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out_json"])), exist_ok=True)
     beamlora.atomic_json(out, cfg["out_json"])
     return out

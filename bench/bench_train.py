@@ -19,10 +19,16 @@ RSS above the RSS after the imports.
 --gpu_recipe: Llama-2-7B's shape (hidden 4096, 32 layers, intermediate 11008, 32 heads, vocab 32000)
 with random weights, r = 64 on all seven linears, frozen base in bf16 with bf16 autocast (adapters
 fp32, fused AdamW), sequence 2048, micro batch 1, activation checkpointing. Each configuration runs in
-its own process: tokens/s, MFU (train.py's count: 6 N_trained + 4 N_frozen per token, embeddings not
-counted, against the GPU's own peak from train.py's table, or --peak_flops) and torch.cuda.max_memory_allocated after the model is built (weights
-included). The two sides draw different random weights (same init scheme; losses are compared on the
-CPU shapes). Three processes of ~1 minute each; needs ~25 GB of GPU memory.
+its own process: tokens/s, MFU (per token 6 N_trained + 4 N_frozen, embeddings not counted, plus
+attention's 12 L d T as nanoGPT counts it; recomputation not counted) against the GPU's own peak from
+train.py's table, or --peak_flops, and torch.cuda.max_memory_allocated after the model is built
+(weights included). The two sides draw different random weights (same init scheme; losses are compared
+on the CPU shapes). LR-LoRA joins once train.py has --method=lrlora. A process of ~30 s per
+configuration; needs ~25 GB of GPU memory.
+
+Ours is built as train.py builds it (train.wrap, make_optimizer, make_controller) and stepped as its
+loop steps, with its loss (model(x, targets=y): summed, chunked, no full logits held); transformers +
+PEFT computes the logits and F.cross_entropy, as the Trainer does.
 """
 import json
 import os
@@ -109,31 +115,39 @@ def random_base(which, model_cfg, device, dtype):
         return m
 
 
+METHODS = {"ours LoRA": dict(method="lora"), "ours BeamLoRA": dict(method="beamlora", p_init=0.95, end_step=10**6),
+           "ours LR-LoRA": dict(method="lrlora", hard_step=10**6)}  # a long run's p; LR-LoRA's soft-mask phase
+
+
 class Run:
-    """One configuration: model, train.py's optimizer, and for BeamLoRA its controller."""
+    """One configuration: ours built as train.py builds it (train.wrap, make_optimizer, make_controller) and
+    stepped as its loop steps (the summed loss model(x, targets=y), lr_factor / lr_scale, penalty), or
+    transformers + PEFT LoRA with the same optimizer."""
 
     def __init__(self, name, spec, path):
+        import train
         self.name, self.device, self.t, self.ops = name, spec["device"], 0, 0
         dtype = getattr(torch, spec["dtype"])
         targets = spec["targets"].split(",")
         self.hf = name.startswith("HF")
+        self.cfg = dict(train.DEFAULTS, targets=spec["targets"], r=spec["r"], alpha=spec["alpha"], dropout=0.0,
+                        lr=spec["lr"], dt=spec["dt"], weight_decay=0.0, **METHODS.get(name, {}))
         if self.hf:
             import peft
             from transformers import LlamaForCausalLM
             m = LlamaForCausalLM.from_pretrained(path, dtype=dtype) if path else \
                 random_base("hf", spec["model"], self.device, dtype)
             m = m.to(self.device)
-            if spec["grad_ckpt"]:
-                m.activation_checkpointing_enable({"use_reentrant": False})  # every layer, as ours
+            if spec["grad_ckpt"]:  # every layer, as ours; transformers < 5.2x names it gradient_checkpointing_enable
+                enable = getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable
+                enable({"use_reentrant": False})
             m = peft.get_peft_model(m, peft.LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
                                                        target_modules=targets, bias="none", task_type="CAUSAL_LM"))
         else:
             from model import Transformer
             m = Transformer.from_pretrained(path, device=self.device, dtype=dtype) if path else \
                 random_base("ours", spec["model"], self.device, dtype)
-            mods = beamlora.apply_lora(m, targets, r=spec["r"], alpha=spec["alpha"], dropout=0.0, dtype=torch.float32)
-            if name.endswith("BeamLoRA"):
-                beamlora.add_scores(mods, tau=0.05)
+            mods = train.wrap(m, self.cfg)
             m.gradient_checkpointing = spec["grad_ckpt"]
         m.train()
         self.model = m
@@ -141,14 +155,11 @@ class Run:
         self.n_train = sum(p.numel() for p in self.params)
         self.n_frozen = sum(p.numel() for n, p in m.named_parameters() if not p.requires_grad and "embed_tokens" not in n)
         cuda = self.device.startswith("cuda")
-        self.opt = torch.optim.AdamW([{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": 0.0},
-                                      {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}],
-                                     lr=spec["lr"], betas=(0.9, 0.999), fused=cuda)
+        self.opt = train.make_optimizer(self.params, self.cfg, fused=cuda)
         self.ctx = torch.autocast("cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32)
-        self.ctl = None
-        if name.endswith("BeamLoRA"):  # a long run's p (~p_init) with operations every dt steps
-            self.ctl = beamlora.BeamController(beamlora.lora_modules(m), self.opt, dt=spec["dt"], p_init=0.95,
-                                               end_step=10**6, total_steps=10**6)
+        self.ctl = None if self.hf else train.make_controller(mods, self.opt, self.cfg, total=10**6)
+        self.penalty = getattr(self.ctl, "penalty", None)
+        self.lr_factor = getattr(self.ctl, "lr_factor", lambda t: 1.0)
 
     def adapters(self):
         """{our module name: (A, B)} of this model's LoRA layers."""
@@ -158,19 +169,22 @@ class Run:
         return {n: (mod.lora_A, mod.lora_B) for n, mod in beamlora.lora_modules(self.model).items()}
 
     def step(self, x, y, n_tgt):
-        with self.ctx:  # each side's own way to the summed loss: ours is train.py's (model.lm_loss)
+        for g in self.opt.param_groups:  # as train.py's loop (constant lr here)
+            g["lr"] = self.cfg["lr"] * self.lr_factor(self.t) * g.get("lr_scale", 1.0)
+        with self.ctx:
             if self.hf:
                 logits = self.model(input_ids=x, use_cache=False).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
             else:
-                loss = self.model(x, targets=y)
-        (loss / n_tgt).backward()
+                loss = self.model(x, targets=y)  # train.py's loss: summed, chunk by chunk, no full logits held
+        obj = loss / n_tgt + (self.penalty() if self.penalty is not None else 0)
+        obj.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         self.t += 1
-        if self.ctl is not None and self.ctl.step(self.t) is not None:
+        if self.ctl is not None and self.ctl.step(self.t) is not None:  # before zero_grad, as train.py
             self.ops += 1
+        self.opt.zero_grad(set_to_none=True)
         return loss.item() / n_tgt
 
 
@@ -326,9 +340,13 @@ def child(spec):
     tok_s = batch[0].numel() / step_s
     import train
     peak = spec.get("peak_flops") or train.device_peak_flops(spec["device"], spec["dtype"])  # None: no MFU
+    m = spec["model"]  # attention's matmuls (q k^T, then by v), forward + backward, causal mask not discounted:
+    attn = 12 * m["num_hidden_layers"] * m["hidden_size"] * spec["shape"]["seq"]  # nanoGPT's / PaLM's 12 L d T
+    flops = 6 * run.n_train + 4 * run.n_frozen + attn  # frozen: forward + input grads; trained: + weight grads
     print("RESULT " + json.dumps({
         "which": spec["which"], "peak_mem": peak_mem(spec["device"], base), "step_s": step_s, "tok_s": tok_s,
-        "mfu": tok_s * (6 * run.n_train + 4 * run.n_frozen) / peak if peak else None,
+        "mfu": tok_s * flops / peak if peak else None, "peak_flops": peak, "flops_per_token": flops,
+        "attn_flops_per_token": attn,
         "n_train": run.n_train, "n_frozen": run.n_frozen, "ops": run.ops - ops0, "warmup_losses": losses}))
 
 
@@ -353,30 +371,46 @@ def pct(mfu):
     return f"{100 * mfu:.1f}%" if mfu is not None else "n/a (no peak known for this device)"
 
 
-def gpu_recipe(cfg):
+def gpu_recipe(cfg, out_json):
+    import train
     shape = SHAPES["tiny" if cfg["tiny"] else "llama2-7b"]
     r = min(cfg["gpu_r"], shape["model"]["hidden_size"] // 4) if cfg["tiny"] else cfg["gpu_r"]
     steps = max(cfg["dt"], cfg["gpu_steps"] // cfg["dt"] * cfg["dt"])
     spec = dict(model=shape["model"], shape=shape, device=cfg["device"], dtype="bfloat16", targets=cfg["targets"],
                 r=r, alpha=2.0 * r, lr=cfg["lr"], dt=cfg["dt"], grad_ckpt=True, path="", steps=steps,
                 warmup=cfg["gpu_warmup"], threads=cfg["threads"], peak_flops=cfg["peak_flops"])
-    res = {}
-    for c in CONFIGS:
-        res[c] = run_child(dict(spec, which=c))
-        x = res[c]
+    configs = CONFIGS + (("ours LR-LoRA",) if "lrlora" in train.METHODS else ())
+    res, out = {}, {"shape": shape, "r": r, "steps": steps, "results": {}, "errors": {}}
+    for c in configs:  # one failing configuration is recorded, the others still run
+        try:
+            res[c] = run_child(dict(spec, which=c))
+        except RuntimeError as e:
+            out["errors"][c] = str(e)[-3000:]
+            print(f"{c}: failed\n{e}", flush=True)
+            continue
+        x = out["results"][c] = res[c]
         print(f"{c}: {x['tok_s']:,.0f} tokens/s, MFU {pct(x['mfu'])}, peak {x['peak_mem'] / 2**30:.2f} GiB, "
               f"{x['ops']} operation(s) in {steps} steps", flush=True)
-    o, h, b = res["ours LoRA"], res["HF+PEFT LoRA"], res["ours BeamLoRA"]
+        beamlora.atomic_json({"partial": True, "gpu_recipe": out}, out_json)  # what is done survives a kill
     m = shape["model"]
     md = (f"{'tiny' if cfg['tiny'] else 'Llama-2-7B'} shape (hidden {m['hidden_size']}, {m['num_hidden_layers']} layers), "
           f"random weights, r={r} on {cfg['targets']}, bf16 base + autocast, seq {shape['seq']} x micro batch "
-          f"{shape['batch']}, activation checkpointing, {cfg['device']}; {steps} timed steps after {cfg['gpu_warmup']}:\n\n"
+          f"{shape['batch']}, activation checkpointing, {cfg['device']}; {steps} timed steps after {cfg['gpu_warmup']}; "
+          "MFU counts 6 N_trained + 4 N_frozen + 12 L d T per token, against the GPU's peak:\n\n"
           "| configuration | tokens/s | MFU | peak memory GiB |\n|---|---|---|---|\n"
           + "\n".join(f"| {c} | {x['tok_s']:,.0f} | {pct(x['mfu'])} | {x['peak_mem'] / 2**30:.2f} |"
-                      for c, x in res.items())
-          + f"\n\nours / HF+PEFT: tokens/s {o['tok_s'] / h['tok_s']:.3f}, peak memory {o['peak_mem'] / h['peak_mem']:.3f}; "
-          f"BeamLoRA / LoRA step time {b['step_s'] / o['step_s']:.3f} ({b['ops']} operations averaged in)")
-    return {"shape": shape, "r": r, "steps": steps, "results": res}, md
+                      for c, x in res.items()))
+    o, h = res.get("ours LoRA"), res.get("HF+PEFT LoRA")
+    if o and h:
+        out["ours_over_hf_tok_s"], out["ours_over_hf_mem"] = o["tok_s"] / h["tok_s"], o["peak_mem"] / h["peak_mem"]
+        md += (f"\n\nours / HF+PEFT: tokens/s {out['ours_over_hf_tok_s']:.3f} (aim >= 1.10), peak memory "
+               f"{out['ours_over_hf_mem']:.3f}")
+    for c in configs[2:]:  # BeamLoRA / LoRA, LR-LoRA / LoRA: step time with the method's operations averaged in
+        if o and c in res:
+            key = c.removeprefix("ours ") + " / LoRA"
+            out[key] = res[c]["step_s"] / o["step_s"]
+            md += f"; {key} step time {out[key]:.3f} ({res[c]['ops']} operations averaged in)"
+    return out, md
 
 
 def main(argv):
@@ -388,13 +422,15 @@ def main(argv):
         torch.set_num_threads(cfg["threads"])
     cfg["device"] = cfg["device"] or ("cuda" if cfg["gpu_recipe"] else "cpu")
     out_json = cfg["out_json"] or os.path.join("out", "bench", "bench_train_gpu.json" if cfg["gpu_recipe"] else "bench_train.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     import transformers
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls transformers' deprecated names
     result = {"config": cfg, "torch": torch.__version__, "transformers": transformers.__version__,
               "threads": torch.get_num_threads()}
     if cfg["gpu_recipe"]:
-        result["gpu_recipe"], md = gpu_recipe(cfg)
+        result["device"] = torch.cuda.get_device_name() if cfg["device"].startswith("cuda") else "cpu"
+        result["gpu_recipe"], md = gpu_recipe(cfg, out_json)
     else:
         rows = []
         for name in cfg["shapes"].split(","):
@@ -406,7 +442,7 @@ def main(argv):
               f"threads, all seven linears, median of {cfg['repeats']} (BeamLoRA: {cfg['beam_repeats']}), "
               f"BeamLoRA dt={cfg['dt']}:\n\n" + cpu_table(rows))
     print("\n" + md)
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    result["markdown"] = md
     beamlora.atomic_json(result, out_json)
     print(f"\nwrote {out_json}")
     return result

@@ -358,3 +358,23 @@ def test_bad_inputs(tmp_path):
     one_line_error(run_cli(f"--model={ckpt}", "--task=gsm8k", f"--data={data}"), 1, f"{data}:2", "'answer'")
     data.write_text('{"question": "q", "answer": "#### 1"}\n')
     one_line_error(run_cli(f"--model={ckpt}", "--task=gsm8k", f"--data={data}"), 1, str(ckpt))  # no weights
+
+
+def test_compile_decodes_the_same(tiny_checkpoint, tmp_path, monkeypatch):
+    # --compile: the static KV cache and the compiled one-token step (traced by aot_eager here, inductor and CUDA
+    # graphs on a GPU: tests/test_cuda.py); batches of 2 then 1, the second in the first's cache
+    import functools
+
+    import torch
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in E2E_ROWS["gsm8k"]))
+    outputs = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"run{len(extra)}"
+        summary = ev.main([f"--model={tiny_checkpoint}", "--task=gsm8k", f"--data={data}", f"--out={out}",
+                           "--batch_size=2", "--max_new_tokens=12", "--device=cpu", *extra])
+        assert summary["settings"]["compile"] == bool(extra)
+        with open(out / "gsm8k_samples.jsonl") as f:
+            outputs.append([json.loads(line)["output"] for line in f])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 3 and any(outputs[0])
