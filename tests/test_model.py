@@ -210,6 +210,38 @@ def test_static_cache_decoding_matches_transformers(tmp_path, name):
     assert ours.static_kv is None
 
 
+def forced_logits(model, prompts, n, decode, forced=None):
+    """Each step's logits of model.generate (B, vocab), fp32; with `forced` (a list of (B,) token tensors) those
+    tokens are fed back instead of the argmax, so two ways of decoding see the same inputs at every step."""
+    import model as model_lib
+    logs, sample = [], model_lib.sample
+
+    def record(logits, *args):
+        logs.append(logits.float().clone())
+        return forced[len(logs) - 1] if forced is not None else sample(logits, *args)
+    model_lib.sample = record
+    try:
+        model.generate(prompts, n, stop_ids=[], decode=decode)
+    finally:
+        model_lib.sample = sample
+    return logs
+
+
+def test_static_decoding_in_bf16_follows_the_cache_way(tmp_path):
+    # bf16 logits tie often enough that another order of additions flips an argmax now and then, so tokens are no
+    # test there: the logits are, each way fed the cache way's tokens
+    _, path = write_hf(tmp_path, "llama_gqa")
+    ours = Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 12, 1, 8)]
+    ref = forced_logits(ours, prompts, 16, "cache")
+    tokens = [x.argmax(-1) for x in ref]
+    ours.compiled_step = torch.compile(ours.decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
+    for decode in ("static", "compiled"):
+        got = forced_logits(ours, prompts, 16, decode, tokens)
+        assert len(got) == 16 and max((a - b).abs().max() / a.abs().max() for a, b in zip(ref, got)) <= 2e-2, decode
+
+
 def test_generation_stops_per_sequence(tmp_path):
     hf, path = write_hf(tmp_path, "llama_gqa")
     ours = Transformer.from_pretrained(path)
