@@ -3,6 +3,7 @@ Evaluate a base model, a base model + LoRA adapter (ours or PEFT), or a merged c
 
     python eval.py --model=ckpt/Llama-2-7b-hf --adapter=out/adapter --task=gsm8k --data=gsm8k/test.jsonl
     python eval.py --model=ckpt/merged --task=math --data=MATH_test.jsonl --limit=500 --device=cuda --dtype=bfloat16
+    python eval.py --model=ckpt/merged --task=gsm8k --data=gsm8k/test.jsonl --device=cuda --dtype=bfloat16 --compile
     python eval.py --model=ckpt/merged --task=boolq --data=commonsense/boolq/test.jsonl --batch_size=32
     python eval.py --model=ckpt/merged --task=mbpp --data=mbpp_test.jsonl --timeout=10
     python eval.py --model=ckpt/merged --task=ppl --data=val.jsonl   (or a .txt file)

@@ -5,6 +5,7 @@ A LLaMA / Mistral model in plain PyTorch that loads Hugging Face checkpoints dir
     logits = model(input_ids)                       # (B, T, vocab)
     loss_sum = model(input_ids, targets=targets)    # summed over targets != -100, no full logits held
     new_tokens = model.generate([[1, 415, 2936], [1, 22557]], max_new_tokens=64)
+    new_tokens = model.generate(prompts, 64, decode="compiled")  # static KV cache, compiled step (CUDA graphs)
 
 Module and parameter names are the HF ones (model.layers.0.self_attn.q_proj.weight, ...), so a
 checkpoint loads with no mapping table and LoRA targets are the usual q_proj ... down_proj.
