@@ -7,6 +7,7 @@ checkpoint, loaded by the same code as eval.py. The text is printed as it is gen
     python sample.py --model=checkpoints/Llama-2-7b-hf --prompt="The capital of France is" --prompt="1, 2, 3,"
     python sample.py --model=out/run/merged --template=alpaca --prompt_file=questions.txt --temperature=0.7
     python sample.py --model=checkpoints/Llama-2-7b-hf --adapter=out/run/adapter --template=alpaca --interactive
+    python sample.py --model=checkpoints/Llama-2-7b-hf --device=cuda --dtype=bfloat16 --compile --interactive
 
 --template wraps each prompt in a training template, with eval.py's strings: alpaca (train.py's prompt) or
 metamath (MetaMath's, as eval.py's gsm8k and math tasks prompt: "... ### Response: Let's think step by
@@ -36,6 +37,7 @@ max_new_tokens = 256  # at most this many new tokens per prompt
 temperature = 0.0  # 0: greedy; else sample from softmax(logits / temperature)
 top_p = 1.0  # sample from the fewest most likely tokens that hold this much probability
 seed = 1337  # the sampling seed, the same for each prompt: an output does not depend on the prompts before it
+compile = False  # a static KV cache and the decode step under torch.compile (CUDA graphs on CUDA; the first prompt pays the compile)
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # -----------------------------------------------------------------------------
 
@@ -95,7 +97,8 @@ def generate(model, tok, text, cfg, out=None):
         return stopped  # a stop string: no need to generate further
 
     ids = model.generate([tok.encode(text, bos=True)], cfg["max_new_tokens"], temperature=cfg["temperature"],
-                         top_p=cfg["top_p"], stop_ids=tok.stop_ids, seed=cfg["seed"], on_token=on_token)[0]
+                         top_p=cfg["top_p"], stop_ids=tok.stop_ids, seed=cfg["seed"], on_token=on_token,
+                         decode="compiled" if cfg["compile"] else "cache")[0]
     output = cut(tok.decode(ids), stops)[0]
     out.write(output[shown:] + "\n")
     out.flush()

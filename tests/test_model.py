@@ -201,6 +201,9 @@ def test_static_cache_decoding_matches_transformers(tmp_path, name):
     sampled = ours.generate(prompts[2:], 16, temperature=1.0, top_p=0.9, seed=5, stop_ids=[])
     assert ours.generate(prompts[2:], 16, temperature=1.0, top_p=0.9, seed=5, stop_ids=[], decode="static") == sampled
     assert ours.static_kv is cache and all(layer.self_attn.kv_cache is None for layer in ours.model.layers)
+    seen = []  # streaming (sample.py): the callback sees the prompts' rows, not the cache's spare ones
+    assert ours.generate(prompts[1:2], 6, stop_ids=[], decode="static", on_token=lambda t: seen.append(t.tolist())) \
+        == [ref[1][:6]] and seen == [[t] for t in ref[1][:6]]
     ours.compiled_step = torch.compile(ours.decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
     assert ours.generate(prompts, 24, stop_ids=[], decode="compiled") == ref
     assert ours.generate(prompts[::-1], 24, stop_ids=[], decode="compiled") == ref[::-1]

@@ -175,3 +175,14 @@ def test_bad_input(base, tmp_path, args, usage, words):
         sample.main([f"--model={base}"] + [a.format(tmp=tmp_path) for a in args], io.StringIO())
     assert isinstance(e.value, ev.UsageError) == usage
     assert all(w.format(tmp=tmp_path) in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
+
+
+def test_compile_samples_the_same(base, monkeypatch):
+    # --compile: the static KV cache and the compiled step (traced by aot_eager here; inductor and CUDA graphs on
+    # a GPU: tests/test_cuda.py), the same text streamed as without it
+    import functools
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    args = [f"--model={base}", f"--prompt={PROMPTS[0]}", f"--prompt={PROMPTS[1]}", "--max_new_tokens=16", "--device=cpu"]
+    outs = [io.StringIO(), io.StringIO()]
+    got = [sample.main(args + extra, out) for extra, out in zip(([], ["--compile"]), outs)]
+    assert got[0] == got[1] and all(got[0]) and outs[0].getvalue() == outs[1].getvalue()
