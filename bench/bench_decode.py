@@ -132,6 +132,22 @@ def run_sides(hf, ours, prompts, n, modes, repeats, device):
     return res
 
 
+def markdown(result, cfg, name):
+    md = [f"greedy decoding, {name} shape ({result['params'] / 1e9:.2f}B params), {cfg['dtype']}, {result['device']}, "
+          f"batch {cfg['batch']}, prompts {cfg['prompt_min']}-{cfg['prompt_max']} tokens, {cfg['new_tokens']} new "
+          f"tokens, median of {cfg['repeats']}:", "",
+          "| side | wall s | tokens/s | / transformers (aim <= 0.5) | rows identical to transformers | first call s |",
+          "|---|---|---|---|---|---|"]
+    for side, x in result["sides"].items():
+        md.append(f"| {side} | {x['s']:.3f} | {x['tokens_per_s']:,.0f} | {x['over_transformers']:.3f} | "
+                  f"{x['rows_identical_to_transformers']:.2f} | {x['first_call_s']:.1f} |")
+    if result["check"]:
+        md += ["", f"tokens in {cfg['check_dtype']} ({cfg['check_tokens']} new tokens; exact ties are rare there): "
+               + ", ".join(f"{side} {x['rows_identical_to_transformers']:.2f}" for side, x in result["check"].items()
+                           if side != "transformers") + " of the rows identical to transformers'"]
+    return "\n".join(md)
+
+
 def main(argv):
     cfg = parse_args(argv, DEFAULTS)
     name = "tiny" if cfg["tiny"] else cfg["shape"]
@@ -143,12 +159,13 @@ def main(argv):
     device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     import transformers
     transformers.logging.set_verbosity_error()
-    shape, n = SHAPES[name], cfg["new_tokens"]
+    os.makedirs(os.path.dirname(os.path.abspath(cfg["out_json"])), exist_ok=True)
+    shape = SHAPES[name]
     prompts = make_prompts(cfg, shape["vocab_size"])
     result = {"config": cfg, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__, "shape": shape,
               "prompt_lengths": [len(p) for p in prompts], "sides": {}, "check": {}}
-    for part, dtype, n, ms, repeats in (("timed", cfg["dtype"], n, modes, cfg["repeats"]),
+    for part, dtype, n, ms, repeats in (("timed", cfg["dtype"], cfg["new_tokens"], modes, cfg["repeats"]),
                                         ("check", cfg["check_dtype"], cfg["check_tokens"], check_modes, 0)):
         if part == "check" and not cfg["check_tokens"]:
             continue
@@ -173,22 +190,9 @@ def main(argv):
             result["sides" if part == "timed" else "check"][side] = row
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    md = [f"greedy decoding, {name} shape ({result['params'] / 1e9:.2f}B params), {cfg['dtype']}, {result['device']}, "
-          f"batch {cfg['batch']}, prompts {cfg['prompt_min']}-{cfg['prompt_max']} tokens, {cfg['new_tokens']} new "
-          f"tokens, median of {cfg['repeats']}:", "",
-          "| side | wall s | tokens/s | / transformers (aim <= 0.5) | rows identical to transformers | first call s |",
-          "|---|---|---|---|---|---|"]
-    for side, x in result["sides"].items():
-        md.append(f"| {side} | {x['s']:.3f} | {x['tokens_per_s']:,.0f} | {x['over_transformers']:.3f} | "
-                  f"{x['rows_identical_to_transformers']:.2f} | {x['first_call_s']:.1f} |")
-    if result["check"]:
-        md += ["", f"tokens in {cfg['check_dtype']} ({cfg['check_tokens']} new tokens; exact ties are rare there): "
-               + ", ".join(f"{side} {x['rows_identical_to_transformers']:.2f}" for side, x in result["check"].items()
-                           if side != "transformers") + " of the rows identical to transformers'"]
-    result["markdown"] = "\n".join(md)
+        result["markdown"] = markdown(result, cfg, name)
+        beamlora.atomic_json(result, cfg["out_json"])  # the timings survive a kill during the check
     print("\n" + result["markdown"])
-    os.makedirs(os.path.dirname(os.path.abspath(cfg["out_json"])), exist_ok=True)
-    beamlora.atomic_json(result, cfg["out_json"])
     return result
 
 
