@@ -22,6 +22,9 @@ between optimizer steps, a controller (make_controller) that the loop drives thr
     log(t)            (optional) extra fields for the log line
     penalty()         (optional) a scalar added to the loss once per optimizer step
     lr_factor(t)      (optional) a factor on the schedule's learning rate
+    final()           (optional) -> {file name: JSON object}, written to out_dir at the end (LR-LoRA: ranks.json)
+A parameter with an `lr_scale` attribute (LR-LoRA's rank rho) gets an AdamW group of its own whose learning
+rate is the schedule's times lr_scale.
 """
 import hashlib
 import importlib.util
@@ -39,6 +42,7 @@ import torch.distributed as dist
 import adalora
 import beamlora
 import increlora
+import lrlora
 import pissa
 import relora
 import rundir
@@ -59,7 +63,7 @@ val_data = ""  # held-out data in the same format: loss reported at eval_interva
 data_format = "metamathqa"  # metamathqa (query/response) | alpaca | gsm8k (question/answer) | chat (messages)
 max_len = 512  # tokens per example; longer ones are truncated (and counted)
 # method: LoRA on the target linears, or a method built on it (docs/README.md)
-method = "beamlora"  # full | lora | beamlora | dora | pissa | milora | adalora | relora | increlora (docs/)
+method = "beamlora"  # full | lora | beamlora | dora | pissa | milora | adalora | relora | increlora | lrlora (docs/)
 targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the linears that get an adapter
 r = 64  # LoRA rank
 alpha = 128.0  # the update is scaled by alpha / r (the paper's runs: alpha = 2r)
@@ -99,6 +103,14 @@ incre_lr_warmup = -1  # lr warmup of the new ranks (-1: as long as the main warm
 relora_steps = 0  # steps per cycle: merge, re-initialise, prune the moments, restart the lr (0: a quarter of the steps)
 relora_warmup = 0  # steps of the lr warmup after each restart (0: min(50, relora_steps // 10), at least 1)
 relora_prune = 0.99  # fraction of each AdamW moment tensor of A and B zeroed at a restart, smallest magnitudes first
+# LR-LoRA (lrlora.py, docs/LRLORA.md): --r is the budget, the mean rank in parameters (LoRA r's count)
+r_max = 0  # ranks allocated per module; each learns its rank in [0, r_max] (0: 2r)
+r_init = 0.0  # every module's rank rho at step 0 (0: r)
+rank_lr = 0.0  # rho's peak learning rate, in ranks per step (0: 4 r_max / hard_step); AdamW's own lr is far too slow
+rank_sample = True  # each step draws a nested 0/1 mask with P(rank i on) = m_i; False: the soft mask m itself
+temp_start = 1.0  # the mask's temperature T at step 0, in ranks; annealed geometrically to temp_end
+temp_end = 0.05  # at hard_step, where the mask becomes exactly 0/1 and the ranks freeze at the budget
+hard_step = 0  # (0: three quarters of the steps)
 # optimisation
 epochs = 3  # passes over the data
 max_steps = 0  # 0: epochs over the data
@@ -417,15 +429,18 @@ def model_args(cfg):
 
 
 # --method: each one's layer in wrap, its controller in make_controller
-METHODS = ("full", "lora", "beamlora", "dora", "pissa", "milora", "adalora", "relora", "increlora")
+METHODS = ("full", "lora", "beamlora", "dora", "pissa", "milora", "adalora", "relora", "increlora", "lrlora")
 
 
 def wrap(model, cfg):
     """The method's layers: LoRA on the target linears, then what the method adds to each. -> {name: module}"""
     if cfg["method"] == "full":
         return {}
-    mods = beamlora.apply_lora(model, cfg["targets"].split(","), r=lora_rank(cfg), alpha=cfg["alpha"],
-                               dropout=cfg["dropout"], rslora=cfg["rslora"], dtype=torch.float32)
+    if cfg["method"] == "lrlora":  # r_max ranks, each module's rank learned under the budget --r
+        mods = lrlora.wrap(model, cfg)
+    else:
+        mods = beamlora.apply_lora(model, cfg["targets"].split(","), r=lora_rank(cfg), alpha=cfg["alpha"],
+                                   dropout=cfg["dropout"], rslora=cfg["rslora"], dtype=torch.float32)
     if cfg["method"] == "beamlora":
         beamlora.add_scores(mods, cfg["tau"])
     if cfg["method"] in ("pissa", "milora") and not cfg["resume"]:  # on resume pissa.Init rebuilds W0 from ckpt.pt
@@ -441,8 +456,8 @@ def wrap(model, cfg):
 
 def lora_rank(cfg):
     """The layers' r"""
-    return {"adalora": cfg["init_r"] or 3 * cfg["r"] // 2, "increlora": cfg["max_r"] or 2 * cfg["r"]}.get(
-        cfg["method"], cfg["r"])
+    return {"adalora": cfg["init_r"] or 3 * cfg["r"] // 2, "increlora": cfg["max_r"] or 2 * cfg["r"],
+            "lrlora": cfg["r_max"] or 2 * cfg["r"]}.get(cfg["method"], cfg["r"])
 
 
 def increlora_ranks(cfg):
@@ -451,11 +466,14 @@ def increlora_ranks(cfg):
 
 
 def make_optimizer(params, cfg, fused=False):
-    """AdamW without weight decay on the 1-d parameters (scores, norms, magnitudes), as PEFT/HF do."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """AdamW without weight decay on the 1-d parameters (scores, norms, magnitudes), as PEFT/HF do. A parameter
+    with an lr_scale attribute (LR-LoRA's rho) gets a group of its own, whose lr the loop multiplies by it."""
+    decay = [p for p in params if p.dim() >= 2 and not hasattr(p, "lr_scale")]
+    no_decay = [p for p in params if p.dim() < 2 and not hasattr(p, "lr_scale")]
+    scaled = [{"params": [p for p in params if getattr(p, "lr_scale", None) == s], "weight_decay": 0.0, "lr_scale": s}
+              for s in sorted({p.lr_scale for p in params if hasattr(p, "lr_scale")})]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                              {"params": no_decay, "weight_decay": 0.0}],
+                              {"params": no_decay, "weight_decay": 0.0}] + scaled,
                              lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
 
 
@@ -489,6 +507,10 @@ def make_controller(mods, optimizer, cfg, total):
         steps = cfg["relora_steps"] or max(1, total // 4)
         warmup = cfg["relora_warmup"] or max(1, min(50, steps // 10))
         return relora.ReLoController(mods, optimizer, steps, warmup, cfg["relora_prune"], total, seed=cfg["seed"])
+    if cfg["method"] == "lrlora":
+        return lrlora.RankController(mods, optimizer, budget_rank=cfg["r"], total_steps=total, lr=cfg["lr"],
+                                     rank_lr=cfg["rank_lr"], temp_start=cfg["temp_start"], temp_end=cfg["temp_end"],
+                                     hard_step=cfg["hard_step"], seed=cfg["seed"])
     return None
 
 
@@ -603,7 +625,7 @@ def train(cfg):
         n_tgt = sum(n_targets[j] for j in batch)  # target tokens of the global batch, all processes
         mine = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, total, cfg) * lr_factor(step)
+            g["lr"] = lr_at(step, total, cfg) * lr_factor(step) * g.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=cfg["device"])
         for k in range(accum):
             x, y = collate(train_ex, mine[k * cfg["micro_batch_size"]:(k + 1) * cfg["micro_batch_size"]], cfg["device"])
@@ -678,6 +700,8 @@ def train(cfg):
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev_type == "cuda" else peak_rss_gib()}
     if master:
         save_checkpoint()
+        for name, obj in getattr(controller, "final", dict)().items():  # the method's own records (LR-LoRA: ranks.json)
+            beamlora.atomic_json(obj, os.path.join(cfg["out_dir"], name))
         tok_file = tok.path
         if cfg["method"] == "full":
             raw_model.save_pretrained(os.path.join(cfg["out_dir"], "model"))

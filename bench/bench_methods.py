@@ -10,6 +10,10 @@ whole blocks of steps (METHOD_OPTIONS makes each method act often, as a worst ca
     python bench/bench_methods.py --methods=lora,dora,beamlora+dora      # "+flag": a bool option of train.py
     python bench/bench_methods.py --methods=lora,dora,peft:lora,peft:dora   # with transformers + PEFT as a reference
     python bench/bench_methods.py --threads=1                            # when other jobs share the cores
+    python bench/bench_methods.py --r=8 --methods=lora,lrlora+r_max=8,lrlora   # "+option=value" of train.py
+
+LR-LoRA at LoRA's r_max (`lrlora+r_max=8`), next to LR-LoRA at LoRA's parameter budget (`lrlora` with
+--r=8 is the budget, r_max = 16 by default).
 
 Step times are medians over interleaved repeats in one process; the ratio to LoRA is the median
 of the per-repeat ratios. Peak memory: each method trains mem_steps steps in a process of its own,
@@ -58,13 +62,16 @@ METHOD_OPTIONS = {
     "adalora": dict(tinit=0, tfinal=0, deltaT=4),  # the budget falls over 10^6 steps: importance every step
     "relora": dict(relora_steps=4, relora_warmup=2),
     "increlora": dict(incre_warmup=0, incre_interval=4, top_h=1, incre_rank_num=1),  # growing throughout
+    "lrlora": dict(hard_step=10**6),  # soft masks and the budget penalty on every step: its costlier phase
 }
 
 
 def method_options(name):
-    """'beamlora+dora' -> train.py's {method: beamlora, dora: True}, plus the method's METHOD_OPTIONS."""
+    """'beamlora+dora' -> train.py's {method: beamlora, dora: True}; 'lrlora+r_max=8' -> {method: lrlora, r_max: 8}
+    (typed as train.py's defaults); plus the method's METHOD_OPTIONS."""
     method, *flags = name.split("+")
-    return dict(METHOD_OPTIONS.get(method, {}), method=method, **{f: True for f in flags})
+    given = parse_args([f"--{f}" for f in flags], train.DEFAULTS)  # a bare flag is True, as on train.py's command line
+    return dict(METHOD_OPTIONS.get(method, {}), method=method, **{k: given[k] for k in (f.partition("=")[0] for f in flags)})
 
 
 class Run:
@@ -103,7 +110,7 @@ class Run:
 
     def step(self, x, y, n_tgt):
         for g in self.opt.param_groups:
-            g["lr"] = self.cfg["lr"] * self.lr_factor(self.t)
+            g["lr"] = self.cfg["lr"] * self.lr_factor(self.t) * g.get("lr_scale", 1.0)  # as train.py
         logits = self.model(input_ids=x, use_cache=False).logits if self.hf else self.model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
         obj = loss / n_tgt + (self.penalty() if self.penalty is not None else 0)
@@ -209,8 +216,9 @@ def main(argv):
             if m not in ("peft:lora", "peft:dora"):
                 raise ConfigError(f"--methods: {m!r}: the PEFT references are peft:lora and peft:dora")
             continue
-        if any(not isinstance(train.DEFAULTS.get(f), bool) for f in m.split("+")[1:]):
-            raise ConfigError(f"--methods: {m!r}: what follows '+' must be a bool option of train.py (e.g. dora)")
+        if any("=" not in f and not isinstance(train.DEFAULTS.get(f), bool) for f in m.split("+")[1:]):
+            raise ConfigError(f"--methods: {m!r}: what follows '+' must be a bool option of train.py (e.g. dora) "
+                              f"or option=value (e.g. r_max=8)")
         train.check_config(dict(train.DEFAULTS, init_from="x", data=__file__, **method_options(m)))  # one line
     rows = []
     for name in cfg["shapes"].split(","):
