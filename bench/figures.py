@@ -1,8 +1,8 @@
 """
 The paper's figures from our own runs (matplotlib is needed here only: pip install matplotlib).
 
-    python bench/figures.py                  # the r=16, seed 0 LoRA and BeamLoRA runs of bench/compare.py
-    python bench/figures.py --runs=out/compare/LoRA_r8_s1,out/compare/BeamLoRA_r8_s1 --eval_limit=100
+    python bench/figures.py                  # the r=8, seed 0 lora and beamlora runs of bench/compare.py
+    python bench/figures.py --runs=out/compare/lora_r16_s1,out/compare/beamlora_r16_s1 --eval_limit=100
 
 rank_importance.png (paper Figure 2): importance of the ranks over training, read from each run's
 scores.jsonl: for every module the ranks sorted by importance and normalised to a mean of 1, the
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import parse_args  # noqa: E402
 
-DEFAULTS = dict(runs="out/compare/LoRA_r16_s0,out/compare/BeamLoRA_r16_s0", out_dir="out/figures",
+DEFAULTS = dict(runs="out/compare/lora_r8_s0,out/compare/beamlora_r8_s0", out_dir="out/figures",
                 fractions="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", eval_limit=100, max_new_tokens=96)
 
 

@@ -1,7 +1,10 @@
 # The offline demo (python train.py with no arguments) end to end at a minimum size, then the
 # miniature comparison and the figures on its base.
+import ast
 import json
 import os
+import re
+import shutil
 import sys
 
 import pytest
@@ -23,11 +26,16 @@ def demo_run(tmp_path_factory):
     return demo.main(argv, train.run), argv, tmp
 
 
+def only_base(tmp):
+    (base,) = [os.path.join(d, "model") for d in (tmp / "out" / "base").iterdir()]
+    return base
+
+
 def test_demo_end_to_end(demo_run, capsys):
     import demo
     import train
     res, argv, tmp = demo_run
-    base = tmp / "out" / "base" / "model"
+    base = only_base(tmp)
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(base))
     ops = [e for e in res["events"] if e["modules"]]
     assert ops, "no prune/expand operation happened"
@@ -46,27 +54,129 @@ def test_demo_end_to_end(demo_run, capsys):
     assert "up to date" in out and "base model: reusing" in out and "| base + beamlora adapter |" in out
 
 
-def test_compare_and_figures(demo_run, tmp_path):
+def test_base_key_follows_code_settings_data_and_torch(demo_run, tmp_path, monkeypatch):
+    import demo
+    _, _, tmp = demo_run
+    data = str(tmp / "data")
+    cfg = dict(demo.DEFAULTS, **TINY)
+    config, settings = demo.base_config(500, cfg), demo.pretrain_settings(cfg)
+    key = demo.base_key(data, config, settings)[0]
+    assert demo.base_key(data, config, dict(settings))[0] == key  # the same inputs: the same key
+    assert demo.base_key(data, config, dict(settings, lr=settings["lr"] / 2))[0] != key
+    assert demo.base_key(data, dict(config, hidden_size=64), settings)[0] != key
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "-other")
+    assert demo.base_key(data, config, settings)[0] != key
+    monkeypatch.undo()
+    # a one-byte change to a code file or to the data: another key
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in demo.base_code():
+        shutil.copy(os.path.join(ROOT, name), code / name)
+    monkeypatch.setattr(demo, "HERE", str(code))
+    assert demo.base_key(data, config, settings)[0] == key
+    with open(code / "model.py", "a") as f:
+        f.write("\n")
+    assert demo.base_key(data, config, settings)[0] != key
+    monkeypatch.undo()
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    assert demo.base_key(str(copy), config, settings)[0] == key
+    with open(copy / "pretrain.txt", "a") as f:
+        f.write("1+1=2\n")
+    assert demo.base_key(str(copy), config, settings)[0] != key
+
+
+def local_imports(name, seen, skip=("demo.py", "eval.py")):
+    """The repo's top-level modules that `name` imports, directly or through each other (not through skip)."""
+    with open(os.path.join(ROOT, name)) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        for m in mods:
+            path = m.split(".")[0] + ".py"
+            if os.path.isfile(os.path.join(ROOT, path)) and path not in seen and path not in skip:
+                seen.add(path)
+                local_imports(path, seen)
+    return seen
+
+
+def test_base_key_covers_what_train_imports():
+    import demo
+    # train.py runs the pretraining, without the demo (whose part is the settings, in the key) or the eval
+    assert local_imports("train.py", {"train.py"}) <= set(demo.base_code())
+
+
+# t quantiles for a 95% two-sided interval, from a published table, not from our code: NIST/SEMATECH e-Handbook of
+# Statistical Methods, 1.3.6.7.2 "Critical values of the Student's t distribution", column 0.975
+T975 = {1: 12.706, 2: 4.303, 4: 2.776, 7: 2.365, 9: 2.262, 30: 2.042}
+
+
+def test_t_quantiles():
+    import compare
+    for df, t in T975.items():
+        assert compare.t_quantile(0.975, df) == pytest.approx(t, abs=6e-4), df
+
+
+def hand_interval(xs):
+    n = len(xs)
+    m = sum(xs) / n
+    sd = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5
+    return m, T975[n - 1] * sd / n ** 0.5
+
+
+def test_compare_quick_and_figures(demo_run, tmp_path):
     import compare
     _, _, tmp = demo_run
     data = tmp / "data"
-    argv = [f"--out_dir={tmp_path / 'cmp'}", f"--base={tmp / 'out' / 'base' / 'model'}",
-            f"--data={data / 'train.jsonl'}", f"--test={data / 'test.jsonl'}", "--ranks=2,4", "--seeds=1",
-            "--steps=8", "--batch_size=8", "--eval_limit=2", "--max_new_tokens=4", "--score_log_interval=2"]
-    md = compare.main(argv)
-    rows = [json.loads(line) for line in open(tmp_path / "cmp" / "results.jsonl")]
-    assert len(rows) == 12 and {r["method"] for r in rows} == set(compare.METHODS)
-    assert all(r["operations"] > 0 for r in rows if r["method"] != "LoRA")
-    for m in compare.METHODS:
-        assert f"| {m} |" in md
-    assert open(tmp_path / "cmp" / "table.md").read().strip() == md.strip()
-    assert compare.main(argv) == md  # finished runs are reused, not retrained
+    out = tmp_path / "cmp"
+    argv = [f"--out_dir={out}", f"--base={only_base(tmp)}", f"--data={data / 'train.jsonl'}", "--quick",
+            f"--test={data / 'test.jsonl'}", "--ranks=4", "--steps=8", "--batch_size=8", "--eval_limit=3",
+            "--max_new_tokens=4", "--score_log_interval=2", "--eval_batch_size=3"]
+    summary = compare.main(argv)
+    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    assert sorted((r["label"], r["seed"]) for r in rows) == [("beamlora", 0), ("beamlora", 1), ("lora", 0), ("lora", 1)]
+    for r in rows:  # what a rerun needs to know: the commit and torch that made it
+        assert r["torch"] == torch.__version__ and re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", r["commit"])
+        assert r["n"] == 3 and r["correct"] == round(3 * r["accuracy"])
+    assert all(r["operations"] > 0 for r in rows if r["label"] == "beamlora")
+    by = {(r["label"], r["seed"]): r for r in rows}
+    st = summary[4]
+    for key in ("accuracy", "val_loss"):  # the intervals against a hand computation with the table's t
+        for m in ("lora", "beamlora"):
+            mean, hw = hand_interval([by[m, s][key] for s in (0, 1)])
+            assert st[m][key] == pytest.approx(mean, abs=1e-12) and st[m][key + "_hw"] == pytest.approx(hw, rel=1e-4, abs=1e-9)
+        d, hw = hand_interval([by["beamlora", s][key] - by["lora", s][key] for s in (0, 1)])
+        assert st["beamlora"]["d_" + key] == pytest.approx(d, abs=1e-12)
+        assert st["beamlora"]["d_" + key + "_hw"] == pytest.approx(hw, rel=1e-4, abs=1e-9)
+    assert st["lora"]["val_loss_hw"] > 0 and "d_val_loss" not in st["lora"]
+    md = open(out / "table.md").read()
+    d, hw = st["beamlora"]["d_val_loss"], st["beamlora"]["d_val_loss_hw"]
+    assert f"| beamlora | 2 |" in md and f"{d:+.4f} [{d - hw:+.4f}, {d + hw:+.4f}]" in md
+    assert "Δ accuracy vs lora" in md and torch.__version__ in md
+    assert json.load(open(out / "summary.json"))["ranks"]["4"]["beamlora"]["d_val_loss"] == d
+    # a rerun reuses every finished run; another setting is another run
+    assert compare.main(argv) == summary and len(open(out / "results.jsonl").readlines()) == 4
+    compare.main(argv + ["--methods=lora", "--seeds=1", "--lr=0.004"])
+    assert len(open(out / "results.jsonl").readlines()) == 5
+
     pytest.importorskip("matplotlib")
     import figures
-    runs = f"{tmp_path / 'cmp' / 'LoRA_r4_s0'},{tmp_path / 'cmp' / 'BeamLoRA_r4_s0'}"
+    runs = f"{out / 'lora_r4_s0'},{out / 'beamlora_r4_s0'}"
     curves = figures.main([f"--runs={runs}", f"--out_dir={tmp_path / 'fig'}", "--fractions=0,0.5", "--eval_limit=2",
                            "--max_new_tokens=4"])
     assert os.path.getsize(tmp_path / "fig" / "rank_importance.png") > 1000
     assert os.path.getsize(tmp_path / "fig" / "pruning.png") > 1000
     for pts in curves.values():  # removing half the ranks changes the held-out loss
         assert pts[0]["loss"] != pts[1]["loss"]
+
+
+def test_compare_bad_methods(tmp_path, capsys):
+    import compare
+    import train
+    for methods, msg in (("lora,nosuch", "nosuch"), ("lora,beamlora:r=x", "--r: expected int"), ("lora,lora", "twice")):
+        with pytest.raises(ValueError, match=msg):
+            compare.main([f"--out_dir={tmp_path}", f"--methods={methods}", "--base=nowhere"])
+    assert not os.listdir(tmp_path)  # failed before anything was built or run
+    missing = [m for m in compare.TABLE.split(",") if not compare.knows(train, m)]
+    assert "lora" not in missing and "beamlora_no_expand" not in missing

@@ -74,7 +74,14 @@ def test_annotations_and_answers(built):
 
 def test_pretrain_is_plain_text(built):
     text = read(built, "pretrain.txt").decode()
-    assert len(text.splitlines()) == SMALL["n_pretrain"]
+    lines = text.splitlines()
+    questions = [line for line in lines if line.endswith("?")]  # a worked problem: its question, then its steps
+    assert 0.2 * SMALL["n_pretrain"] < len(questions) < 0.4 * SMALL["n_pretrain"]
+    test_questions = {r["question"] for r in rows(built, "test.jsonl")}
+    assert not test_questions & set(questions)  # never a held-out problem
+    for q in questions[:50]:  # each is followed by its solution steps, as in the answers
+        steps = lines[lines.index(q) + 1]
+        assert ANNOTATION.search(steps), (q, steps)
     for marker in ("The answer is", "####", "### Instruction", "Response:", "step by step"):  # left to fine-tuning
         assert marker not in text
     for expr, value in ANNOTATION.findall(text):

@@ -1,16 +1,18 @@
 """
 Synthetic data for the offline demo (python train.py with no arguments): GSM8K-style word problems
-small enough for a ~1-5M-parameter LLaMA trained from scratch on a CPU, a plainer pretraining
-corpus in the same domain, and a sentencepiece tokenizer trained on both. No download.
+small enough for a ~1-5M-parameter LLaMA trained from scratch on a CPU, a pretraining corpus in the
+same domain, and a sentencepiece tokenizer trained on both. No download.
 
     python data/demo/prepare.py                                   # -> data/demo/build/
-    python data/demo/prepare.py --n_train=4000 --n_test=200 --n_pretrain=30000 --seed=1
+    python data/demo/prepare.py --n_train=4000 --n_test=2000 --n_pretrain=30000 --seed=1
 
-Writes to out_dir: pretrain.txt (one sentence per line: arithmetic facts, counting, one-step stories;
-never the instruction template nor "The answer is"), train.jsonl and test.jsonl (disjoint questions;
-each record has GSM8K's question/answer, answer ending "#### N", and MetaMathQA's query/response,
-response "Let's think step by step. <steps>\\nThe answer is: N"), tokenizer.model, meta.json (the
-settings; written last, so a finished build with the same settings is reused).
+Writes to out_dir: pretrain.txt (plain text: worked problems, a question and then one solution step
+a line, never a held-out question; arithmetic facts, counting, sentences, one-step stories; never the
+instruction template nor "The answer is"), train.jsonl and test.jsonl (disjoint questions; each
+record has GSM8K's question/answer, answer ending "#### N", and MetaMathQA's query/response,
+response "Let's think step by step. <steps>\nThe answer is: N"), tokenizer.model, meta.json (the
+settings, this file's hash and the sentencepiece version; written last, so a finished build with the
+same settings and code is reused, and any other is rebuilt).
 
 Why the response starts with "Let's think step by step.": train.py (data_format=metamathqa) trains on
 "...### Response:" + response, and eval.py prompts with "...### Response: Let's think step by step." (the
@@ -35,7 +37,7 @@ from configurator import ConfigError, parse_args  # noqa: E402
 out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build")  # where the files go
 seed = 1337  # the problems, the corpus and their order
 n_train = 4000  # word problems to fine-tune on
-n_test = 200  # held-out problems, none of them a training question
+n_test = 2000  # held-out problems, none of them a training question
 n_pretrain = 30000  # lines of pretraining text
 vocab_size = 768  # sentencepiece pieces (BPE may stop short of it)
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
@@ -43,6 +45,11 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") an
 
 NAMES = {"Tom": "he", "Ben": "he", "Sam": "he", "Max": "he", "Anna": "she", "Lily": "she", "Mia": "she", "Emma": "she"}
 ITEMS = ["apples", "pencils", "cookies", "stickers", "marbles", "books", "cards", "eggs"]
+# a third of the pretraining text is worked problems, the question and its steps as plain text (no instruction
+# template, no "The answer is"): the base learns the arithmetic and the steps there, as a real LLM learns maths from
+# the web, so fine-tuning teaches the instruction format and the answer line rather than arithmetic from scratch.
+# Without them the fine-tuned accuracy sat on a knife edge (23-50% between torch builds, seed spreads of 9-21 points)
+WORKED = 0.3
 COT = "Let's think step by step."  # the end of eval.py's prompt, the start of each response here
 # eval.py's prompt with an empty instruction, for the tokenizer only: its words get pieces of their own
 # (pretraining never shows it, fine-tuning puts no loss on it)
@@ -115,10 +122,18 @@ def problem(rng):
     return q, steps, r
 
 
-def pretrain_line(rng):
-    """One line of plain domain text: the vocabulary, arithmetic facts and one-step stories."""
+def pretrain_line(rng, held_out):
+    """One piece of plain domain text: a worked problem (never one of held_out's questions), an arithmetic fact,
+    counting, a sentence or a one-step story. Only worked problems span lines (question, then one step a line)."""
+    u = rng.random()
+    if u < WORKED:
+        while True:
+            q, steps, _ = problem(rng)
+            if q not in held_out:
+                return "\n".join([q] + steps)
+    u = (u - WORKED) / (1 - WORKED)  # the rest of the mix as before
     a, b = rng.sample(sorted(NAMES), 2)
-    he, item, u = NAMES[a], rng.choice(ITEMS), rng.random()
+    he, item = NAMES[a], rng.choice(ITEMS)
     He = he.capitalize()
     if u < 0.35:  # a fact, operands from the ranges the problems use
         op = rng.choice("+-*/")
@@ -146,10 +161,10 @@ def pretrain_line(rng):
 
 
 def prepare(out_dir=out_dir, seed=seed, n_train=n_train, n_test=n_test, n_pretrain=n_pretrain, vocab_size=vocab_size):
-    with open(__file__, "rb") as f:  # a change to this generator rebuilds
+    with open(__file__, "rb") as f:  # a change to this generator, or another sentencepiece, rebuilds
         code = hashlib.sha256(f.read()).hexdigest()[:12]
     meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "n_pretrain": n_pretrain, "vocab_size": vocab_size,
-            "generator": code}
+            "generator": code, "sentencepiece": spm.__version__}
     names = ["pretrain.txt", "train.jsonl", "test.jsonl", "tokenizer.model", "meta.json"]
     meta_path = os.path.join(out_dir, "meta.json")
     if all(os.path.isfile(os.path.join(out_dir, n)) for n in names):
@@ -171,7 +186,8 @@ def prepare(out_dir=out_dir, seed=seed, n_train=n_train, n_test=n_test, n_pretra
             records.append({"question": q, "answer": f"{body}\n#### {r}",
                             "query": q, "response": f"{COT} {body}\nThe answer is: {r}"})
     test, train = records[:n_test], records[n_test:]
-    lines = [pretrain_line(rng) for _ in range(n_pretrain)]
+    held_out = {row["question"] for row in test}
+    lines = [pretrain_line(rng, held_out) for _ in range(n_pretrain)]
     for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
