@@ -124,10 +124,11 @@ def sha256_of(path):
 
 
 def base_key(data, model_config, settings):
-    """What the base is made of: the settings, the code that trains it, the bytes of its data and the torch that
-    runs it (another torch rounds differently and gives another base). A change to any of them builds a new one."""
+    """What the base is made of: the settings, the code that trains it, the bytes of its data, the torch that runs
+    it and its thread count (another torch, or a reduction split over other threads, rounds differently and gives
+    another base). A change to any of them builds a new one."""
     import torch
-    what = {"config": model_config, "train": settings, "torch": torch.__version__,
+    what = {"config": model_config, "train": settings, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "code": {n: sha256_of(os.path.join(HERE, n)) for n in base_code()},
             "data": {n: sha256_of(os.path.join(data, n)) for n in ("pretrain.txt", "tokenizer.model")}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest(), what

@@ -47,7 +47,9 @@ VARIANTS = {  # name -> train.py settings (the paper's ablations, docs/BEAMLORA.
     "beamlora_no_history": dict(method="beamlora", no_history=True),  # "w/o history" (not in the paper's table)
     "beamlora_keep_moments": dict(method="beamlora", inherit_moments="keep"),  # what the authors' code executes
 }
-METHOD_OPTIONS = {}  # method -> train.py settings it needs here, e.g. "full": dict(lr=1e-3); one line per method
+METHOD_OPTIONS = {  # method -> train.py settings it needs here; one line per method
+    "full": dict(lr=1e-3),  # every weight trained: LoRA's 5e-3 would undo the base's pretraining (its peak was 3e-3)
+}
 ABLATIONS = "lora,beamlora," + ",".join(VARIANTS)
 TABLE = "lora,full,dora,pissa,milora,adalora,relora,increlora,lrlora," + ",".join(["beamlora"] + list(VARIANTS))
 QUICK = dict(methods="lora,beamlora", seeds=2, steps=100, eval_limit=200)  # --quick: only what is not given
@@ -230,7 +232,11 @@ def run_one(spec):
     res = train.train(spec["train"])
     t1 = time.time()
     out = spec["train"]["out_dir"]
-    summary = eval_lib.main([f"--model={spec['train']['init_from']}", f"--adapter={out}/adapter", "--task=gsm8k",
+    # what the method ships: an adapter on the base; full fine-tuning its model/; ReLoRA merged/ (not low rank)
+    method = spec["train"]["method"]
+    weights = {"full": [f"--model={out}/model"], "relora": [f"--model={out}/merged"]}.get(
+        method, [f"--model={spec['train']['init_from']}", f"--adapter={out}/adapter"])
+    summary = eval_lib.main(weights + ["--task=gsm8k",
                              f"--data={spec['test']}", f"--out={out}/eval", f"--limit={spec['eval_limit']}",
                              f"--batch_size={spec['eval_batch_size']}", f"--max_new_tokens={spec['max_new_tokens']}",
                              "--device=cpu"])
