@@ -89,7 +89,7 @@ class RankController:
     T(t) = temp_start (temp_end / temp_start)^(t / hard_step), fresh noise for the sampled masks, and after every
     optimizer step the budget: all rho shift by one price per parameter, rho_m <- clip(rho_m - p c_m / c_mean,
     0, r_max), with p chosen so that the expected parameter count P = sum_m c_m sum_i m_i is the budget
-    (a projection onto the budget; docs/LRLORA.md section 2 says why not a penalty). At hard_step the masks
+    (a projection onto the budget; docs/LRLORA.md section 2 says why, and what it costs). At hard_step the masks
     become exactly 0/1 and the ranks freeze, rounded to the budget. Everything depends only on replicated values
     and a seeded generator: DDP processes agree without communicating."""
 

@@ -62,7 +62,7 @@ METHOD_OPTIONS = {
     "adalora": dict(tinit=0, tfinal=0, deltaT=4),  # the budget falls over 10^6 steps: importance every step
     "relora": dict(relora_steps=4, relora_warmup=2),
     "increlora": dict(incre_warmup=0, incre_interval=4, top_h=1, incre_rank_num=1),  # growing throughout
-    "lrlora": dict(hard_step=10**6),  # soft masks and the budget penalty on every step: its costlier phase
+    "lrlora": dict(hard_step=10**6),  # sampled masks and the budget projection on every step: its costlier phase
 }
 
 

@@ -1,5 +1,5 @@
 # lrlora.py: the rank mask on hand-computed cases, the layer against plain and truncated LoRA, rho's
-# gradient, the controller's temperature, dual ascent and budget rounding, and export against PEFT.
+# gradient, the controller's temperature, budget projection and rounding, and export against PEFT.
 import json
 
 import pytest
