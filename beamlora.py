@@ -341,6 +341,7 @@ class BeamController:
 # analysis and export
 
 @torch.no_grad()
+@torch.no_grad()  # a record, not a step: a gate's deterministic form (LR-LoRA: its learned rank, not a sample)
 def rank_importance(model):
     """Per module: "score" s (r,) (ones for plain LoRA), and "norm" ||s_i b_i a_i||_F (r,), the
     Frobenius norm of each rank's update (the paper's offline measure), = s_i ||b_i|| ||a_i||."""

@@ -31,7 +31,7 @@ def demo_run(cfg):
     d = dict(demo.DEFAULTS, seed=cfg["seed"])
     data = demo.load_prepare().prepare(d["data_dir"], seed=d["seed"], n_train=d["n_train"], n_test=d["n_test"],
                                        n_pretrain=d["n_pretrain"], vocab_size=d["vocab_size"])
-    base = demo.build_base(data, d)
+    base = demo.build_base(data, d, train.run)  # reuses out/demo/base when its settings match
     run = os.path.join(cfg["work_dir"], f"lrlora_r{cfg['r']}_s{cfg['seed']}")
     shutil.rmtree(run, ignore_errors=True)
     train.train(dict(train.DEFAULTS, out_dir=run, init_from=base, data=os.path.join(data, "train.jsonl"),
