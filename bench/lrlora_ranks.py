@@ -3,7 +3,7 @@ LR-LoRA's learned ranks in one figure (matplotlib needed here only): per layer d
 against MLP (gate, up, down), and over training, for the demo model or any run of train.py --method=lrlora.
 
     python bench/lrlora_ranks.py                       # fine-tune the demo's base (demo.py) with LR-LoRA, then draw
-    python bench/lrlora_ranks.py --r=16 --seed=2       # another budget or seed
+    python bench/lrlora_ranks.py --r=16 --seed=2       # another budget or seed (another seed: another base)
     python bench/lrlora_ranks.py --run=out/my_lrlora   # draw a run of your own (trained with --score_log_interval=N)
 
 The fine-tune is demo.py's (its data, base, steps, lr, batch, alpha = 2r) with --method=lrlora and the rank masks
@@ -21,7 +21,7 @@ from configurator import ConfigError, parse_args  # noqa: E402
 from lrlora import ATTN  # noqa: E402
 
 ORDER = ATTN + ("gate_proj", "up_proj", "down_proj")
-DEFAULTS = dict(run="", out_dir="bench/results", work_dir="out/lrlora_ranks", r=8, seed=1337, score_log_interval=10)
+DEFAULTS = dict(run="", out_dir="bench/results", work_dir="out/lrlora_ranks", r=8, seed=0, score_log_interval=10)  # seed: the demo's
 
 
 def demo_run(cfg):
@@ -29,9 +29,8 @@ def demo_run(cfg):
     import demo
     import train
     d = dict(demo.DEFAULTS, seed=cfg["seed"])
-    data = demo.load_prepare().prepare(d["data_dir"], seed=d["seed"], n_train=d["n_train"], n_test=d["n_test"],
-                                       n_pretrain=d["n_pretrain"], vocab_size=d["vocab_size"])
-    base = demo.build_base(data, d, train.run)  # reuses out/demo/base when its settings match
+    data = demo.prepare_data(d)
+    base = demo.build_base(data, d, train.run)  # reuses the demo's base (out/demo/base/<key>) when its key matches
     run = os.path.join(cfg["work_dir"], f"lrlora_r{cfg['r']}_s{cfg['seed']}")
     shutil.rmtree(run, ignore_errors=True)
     train.train(dict(train.DEFAULTS, out_dir=run, init_from=base, data=os.path.join(data, "train.jsonl"),
