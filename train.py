@@ -26,6 +26,7 @@ between optimizer steps, a controller (make_controller) that the loop drives thr
 A parameter with an `lr_scale` attribute (LR-LoRA's rank rho) gets an AdamW group of its own whose learning
 rate is the schedule's times lr_scale.
 """
+import gc
 import hashlib
 import importlib.util
 import json
@@ -523,8 +524,19 @@ def train(cfg):
     tok = Tokenizer(cfg["tokenizer"] or cfg["init_from"])
     if tok.n_words > args.vocab_size:
         raise ConfigError(f"{tok.path}: {tok.n_words} tokens, more than the model's vocab_size ({args.vocab_size})")
-    train_ex = tokenize_file(cfg["data"], tok, cfg)
-    val_ex = tokenize_file(cfg["val_data"], tok, cfg) if cfg["val_data"] else []
+    # the examples are two int lists each, ~800k lists at MetaMathQA's size, alive to the end: the cyclic GC
+    # would walk them all at every full collection (seconds each; while they are built, many times over).
+    # So: garbage collected first, no collections while they are built, then frozen out of the GC's sight.
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        train_ex = tokenize_file(cfg["data"], tok, cfg)
+        val_ex = tokenize_file(cfg["val_data"], tok, cfg) if cfg["val_data"] else []
+    finally:
+        if was_enabled:
+            gc.enable()
+    gc.freeze()
     lengths = [len(e[0]) for e in train_ex]
     # loss tokens per example (labels[0] is never a target: position t predicts t + 1), counted once, at C speed
     n_targets = [len(e[1]) - e[1].count(-100) - (e[1][0] != -100) for e in train_ex]

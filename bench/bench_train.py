@@ -7,6 +7,7 @@ controller's snapshots and prune/expand operations averaged into the step time.
     python bench/bench_train.py                               # CPU, fp32: the small and big shapes
     python bench/bench_train.py --shapes=small --repeats=3    # a quick look
     python bench/bench_train.py --threads=1                   # when other jobs share the cores
+    python bench/bench_train.py --shapes=small --profile      # where a step's time goes, ours and HF+PEFT
     python bench/bench_train.py --gpu_recipe                  # Llama-2-7B shape on CUDA (see below)
     python bench/bench_train.py --gpu_recipe --device=cpu --tiny    # that code path at a tiny size
 
@@ -59,6 +60,7 @@ DEFAULTS = dict(
     beam_steps=8,  # steps per BeamLoRA-vs-LoRA sample (a multiple of dt)
     beam_repeats=3,
     dt=4,  # controller interval for the benchmark: a snapshot and an operation every 4 steps
+    profile=False,  # also profile ours and HF+PEFT (torch.profiler): self time per op kind, ms per step
     memory=True,  # peak memory, each configuration in a subprocess
     mem_steps=4,
     threads=0,  # torch threads; 0: torch's default. 1 when other jobs share the cores (oversubscribed
@@ -284,6 +286,9 @@ def bench_shape(name, cfg, path):
     print(f"{name}: ours {1e3 * row['step_s'][ours.name]:.1f} ms/step, HF+PEFT {1e3 * row['step_s'][hf.name]:.1f} ms, "
           f"ratio {row['ours_over_hf']:.3f}; BeamLoRA/LoRA {row['beam_over_lora']:.3f} "
           f"({row['beam_ops_per_block']:.0f} operation(s) per {n} steps)", flush=True)
+    if cfg["profile"]:
+        row["profile"] = {run.name: profile(run, inner, batch) for run in (ours, hf)}
+        print(profile_table(row["profile"]), flush=True)
     del runs, ours, hf, beam
     if cfg["memory"]:
         row["peak_rss"] = {}
@@ -293,6 +298,55 @@ def bench_shape(name, cfg, path):
             row["peak_rss"][c] = res["peak_mem"]
         row["mem_ours_over_hf"] = row["peak_rss"]["ours LoRA"] / row["peak_rss"]["HF+PEFT LoRA"]
     return row
+
+
+KINDS = (  # op name patterns -> the kind of work (first match wins)
+    ("matmul", ("mm", "addmm", "bmm", "matmul", "linear", "_scaled_dot_product", "baddbmm")),
+    ("softmax / cross-entropy", ("softmax", "log_softmax", "nll_loss", "cross_entropy", "_softmax_backward")),
+    ("optimizer (AdamW, clip)", ("_foreach", "adam", "_fused", "norm", "clamp", "lerp", "addcdiv", "addcmul", "sqrt")),
+    ("elementwise (mul, add, silu, rope, rmsnorm)", ("mul", "add", "silu", "sigmoid", "neg", "cat", "pow", "rsqrt",
+                                                     "mean", "div", "sub", "exp", "sum", "where", "masked")),
+    ("copies and views", ("copy_", "to", "contiguous", "clone", "view", "reshape", "transpose", "permute", "expand",
+                          "slice", "select", "unsqueeze", "t", "empty", "zero_", "fill_", "zeros", "ones", "stack")),
+)
+
+
+def kind_of(op):
+    name = op.removeprefix("aten::").lower()
+    for kind, pats in KINDS:
+        if any(name == p or name.startswith(p + "_") or name.endswith("_" + p) or p in name.split("_") for p in pats):
+            return kind
+    return "other"
+
+
+def profile(run, steps, batch):
+    """Self CPU time per aten op over `steps` steps, by kind: {kind: ms per step}, plus the top ops."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        timed(run, steps, batch)
+    by_op = {}
+    for e in prof.key_averages():
+        if e.key.startswith("aten::"):
+            by_op[e.key] = by_op.get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / steps
+    kinds = {}
+    for op, ms in by_op.items():
+        kinds[kind_of(op)] = kinds.get(kind_of(op), 0.0) + ms
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:10]
+    return {"kinds_ms": kinds, "top_ms": dict(top), "aten_ms": sum(by_op.values())}
+
+
+def profile_table(prof):
+    names = list(prof)
+    kinds = sorted({k for p in prof.values() for k in p["kinds_ms"]}, key=lambda k: -prof[names[0]]["kinds_ms"].get(k, 0))
+    lines = [f"| self time per step, ms (share) | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    for k in kinds + ["all aten ops"]:
+        cells = []
+        for n in names:
+            total = prof[n]["aten_ms"]
+            ms = total if k == "all aten ops" else prof[n]["kinds_ms"].get(k, 0.0)
+            cells.append(f"{ms:.2f} ({100 * ms / total:.0f}%)")
+        lines.append(f"| {k} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 def cpu_table(rows):
@@ -441,6 +495,10 @@ def main(argv):
         md = (f"training step (forward + backward + clip + AdamW), fp32, {cfg['device']}, {torch.get_num_threads()} "
               f"threads, all seven linears, median of {cfg['repeats']} (BeamLoRA: {cfg['beam_repeats']}), "
               f"BeamLoRA dt={cfg['dt']}:\n\n" + cpu_table(rows))
+        for row in rows:
+            if "profile" in row:
+                md += f"\n\nprofile, {row['shape']} shape (torch.profiler, self CPU time of aten ops):\n\n" + \
+                      profile_table(row["profile"])
     print("\n" + md)
     result["markdown"] = md
     beamlora.atomic_json(result, out_json)
