@@ -25,6 +25,16 @@ RECORDS = ("events.jsonl", "log.jsonl", "scores.jsonl")  # rows of a run's steps
 RUN_FILES = ("ckpt.pt", *RECORDS, "adapter", "model", "merged", "merged_base")  # what a run writes into out_dir
 
 
+def atomic_save(obj, path, tmp=None):
+    # a temp file on disk, then renamed over the old one: a kill at any moment leaves the old file or the new
+    tmp = tmp or path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def file_digest(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -10,7 +10,7 @@ costs for the larger dataset (choosing the batch, counting its target tokens, co
 
 The end-to-end difference is a small number read off two large ones, so on a busy machine it is noise; the
 host work is therefore also timed directly, in this process, with the loop's own functions: the epoch's batch
-plan (train.epoch_batches, once per epoch, its cost shared by the epoch's steps) and, per step, picking the
+plan (dataset.epoch_batches, once per epoch, its cost shared by the epoch's steps) and, per step, picking the
 batch, counting its target tokens and collating it (the median of many steps), for both sizes.
 
 Writes out/bench/bench_host.json. Tokenising the large file takes a minute the first time (cached
@@ -28,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import beamlora  # noqa: E402
+import dataset  # noqa: E402
 import train  # noqa: E402
 from configurator import ConfigError, parse_args  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -95,7 +96,7 @@ def step_ms(work, tok, data, cfg, tag):
     print(f"{tag}: the cyclic GC ran {GC['ms']:.0f} ms in all, {GC['full']} full collection(s)")
     with open(os.path.join(out, "log.jsonl")) as f:
         rows = [json.loads(line) for line in f][cfg["skip"]:]
-    n_tok = train.tokenize_file(data, Tokenizer(tok), dict(train.DEFAULTS, max_len=256, out_dir=out))[0]
+    n_tok = dataset.tokenize_file(data, Tokenizer(tok), dict(train.DEFAULTS, max_len=256, out_dir=out))[0]
     tokens_per_step = cfg["batch_size"] * len(n_tok[0])
     return statistics.median(1e3 * tokens_per_step / r["tok_s"] for r in rows), dict(GC)
 
@@ -105,14 +106,14 @@ def host_ms(examples, cfg):
     lengths = [len(e[0]) for e in examples]
     n_targets = [len(e[1]) - e[1].count(-100) - (e[1][0] != -100) for e in examples]  # as train.py counts them
     t0 = time.perf_counter()
-    plan = train.epoch_batches(lengths, 1, 1, cfg["batch_size"])
+    plan = dataset.epoch_batches(lengths, 1, 1, cfg["batch_size"])
     plan_ms = 1e3 * (time.perf_counter() - t0) / len(plan)  # computed once per epoch: its share of a step
     times = []
     for i in range(min(len(plan), 2000)):
         t0 = time.perf_counter()
         batch = plan[i]
         sum(n_targets[j] for j in batch)
-        train.collate(examples, batch, "cpu")
+        dataset.collate(examples, batch, "cpu")
         times.append(1e3 * (time.perf_counter() - t0))
     return plan_ms, statistics.median(times)
 
@@ -132,7 +133,7 @@ def main(argv):
     small, large = (statistics.median(ms[n]) for n in (cfg["small"], cfg["large"]))
     direct = {}
     for n, path in files.items():
-        examples = train.tokenize_file(path, Tokenizer(tok), dict(train.DEFAULTS, max_len=256, out_dir=work))
+        examples = dataset.tokenize_file(path, Tokenizer(tok), dict(train.DEFAULTS, max_len=256, out_dir=work))
         plan, step = host_ms(examples, cfg)
         direct[n] = {"plan_ms_per_step": plan, "step_host_ms": step, "total_ms": plan + step}
         print(f"host work, timed directly, {n:,} examples: {plan + step:.3f} ms per step "

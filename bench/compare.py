@@ -293,6 +293,7 @@ def main(argv):
         given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
         cfg.update({k: v for k, v in QUICK.items() if k not in given})
     import torch
+    import dataset
     import train
     labels = [m.strip() for m in cfg["methods"].split(",") if m.strip()]
     if labels == ["table"]:
@@ -358,7 +359,7 @@ def main(argv):
         from tokenizer import Tokenizer
         tok = Tokenizer(base)
         for path in (data, test):  # tokenized once, here: the runs read the cache rather than all write it at once
-            train.tokenize_file(path, tok, {"data_format": "metamathqa", "max_len": MAX_LEN, "out_dir": cfg["out_dir"]})
+            dataset.tokenize_file(path, tok, {"data_format": "metamathqa", "max_len": MAX_LEN, "out_dir": cfg["out_dir"]})
     while todo or running:
         while todo and len(running) < cfg["jobs"]:
             spec, run_dir, key = todo.pop(0)

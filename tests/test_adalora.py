@@ -9,6 +9,7 @@ import torch
 
 import adalora
 import beamlora
+import dataset
 import train
 from model import Transformer
 from test_train import base, cfg_for, demo_data, run_ddp  # noqa: F401  (fixtures)
@@ -66,13 +67,13 @@ def test_matches_peft_adalora(base, demo_data, tmp_path):
             layers[n].lora_E["default"].copy_(m.gate.lora_E[:, None])
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=0.0)
-    ex = train.tokenize_file(cfg["data"], Tokenizer(base), cfg)
+    ex = dataset.tokenize_file(cfg["data"], Tokenizer(base), cfg)
     lengths = [len(e[0]) for e in ex]
-    per_epoch = len(train.epoch_batches(lengths, 0, cfg["seed"], cfg["batch_size"]))
+    per_epoch = len(dataset.epoch_batches(lengths, 0, cfg["seed"], cfg["batch_size"]))
     peft_masks, peft_losses = {}, []
     for step in range(total):
-        batch = train.epoch_batches(lengths, step // per_epoch, cfg["seed"], cfg["batch_size"])[step % per_epoch]
-        x, _ = train.collate(ex, batch, "cpu")
+        batch = dataset.epoch_batches(lengths, step // per_epoch, cfg["seed"], cfg["batch_size"])[step % per_epoch]
+        x, _ = dataset.collate(ex, batch, "cpu")
         labels = torch.full_like(x, -100)  # transformers shifts the labels itself
         for row, j in enumerate(batch):
             labels[row, :len(ex[j][1])] = torch.tensor(ex[j][1])

@@ -132,10 +132,10 @@ def test_tiny_is_fast_and_reused(tmp_path):
 def test_fits_train_and_eval_prompts(built, tmp_path):
     # train.py's metamathqa examples against eval.py's GSM8K prompt, both through the real code: the eval prompt
     # must be a token prefix of each training sequence, and everything after it trained and scored correct
-    train = pytest.importorskip("train")
+    dataset = pytest.importorskip("dataset")
     tok = Tokenizer(built)
     path = os.path.join(built, "test.jsonl")
-    examples = train.tokenize_file(path, tok, {"data_format": "metamathqa", "max_len": 512, "out_dir": str(tmp_path)})
+    examples = dataset.tokenize_file(path, tok, {"data_format": "metamathqa", "max_len": 512, "out_dir": str(tmp_path)})
     assert prepare.TEMPLATE == eval_lib.METAMATH.format(instruction="")
     assert len(examples) == SMALL["n_test"]
     for n, ((ids, labels), row) in enumerate(zip(examples, rows(built, "test.jsonl")), 1):

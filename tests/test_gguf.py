@@ -339,6 +339,7 @@ def test_train_and_eval_run_on_the_converted_model(converted, tmp_path):
 
 
 def test_gsm8k_recipe(tmp_path):
+    import dataset
     import train
     from configurator import parse_args
     cfg = parse_args([os.path.join(ROOT, "config", "smollm2_135m_gsm8k_beamlora.py")], train.DEFAULTS)
@@ -349,6 +350,6 @@ def test_gsm8k_recipe(tmp_path):
     train.check_config(dict(cfg, data=str(data)))
     # GSM8K's "#### N" is trained as MetaMath's answer line, which eval.py's gsm8k task reads
     import eval as eval_lib
-    (_, _), (answer, trained) = train.segments({"question": "q", "answer": "2 + 3 = <<2+3=5>>5 eggs.\n#### 5"}, "gsm8k")
+    (_, _), (answer, trained) = dataset.segments({"question": "q", "answer": "2 + 3 = <<2+3=5>>5 eggs.\n#### 5"}, "gsm8k")
     assert trained and answer == "2 + 3 = <<2+3=5>>5 eggs.\nThe answer is: 5"
     assert eval_lib.gsm8k_correct(eval_lib.extract_gsm8k(answer), "5")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import beamlora
+import dataset
 import train
 from conftest import ROOT, free_port
 from model import Transformer, load_safetensors
@@ -97,25 +98,25 @@ def test_label_mask_exact(base, tmp_path):
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps({"query": "Tom has 3 apples. How many?", "response": "3+1=4\nThe answer is: 4"}) + "\n")
     cfg = dict(train.DEFAULTS, data_format="metamathqa", max_len=512, out_dir=str(tmp_path))
-    [(ids, labels)] = train.tokenize_file(str(path), tok, cfg)
-    prompt = tok.encode(train.PROMPT.format(instruction="Tom has 3 apples. How many?"), bos=True)
+    [(ids, labels)] = dataset.tokenize_file(str(path), tok, cfg)
+    prompt = tok.encode(dataset.PROMPT.format(instruction="Tom has 3 apples. How many?"), bos=True)
     response = tok.encode("3+1=4\nThe answer is: 4", eos=True)
     assert prompt[0] == tok.bos_id and response[-1] == tok.eos_id
     assert ids == prompt + response
     assert labels == [-100] * len(prompt) + response  # no loss on the prompt; the response and its EOS trained
-    x, y = train.collate([(ids, labels)], [0], "cpu")
+    x, y = dataset.collate([(ids, labels)], [0], "cpu")
     assert y[0, len(prompt) - 2] == -100 and y[0, len(prompt) - 1] == response[0]  # position t predicts t + 1
     assert y[0, -1] == -100
     # a second read comes from the cache next to the data, identical
     assert os.listdir(tmp_path).count("one.jsonl") == 1 and any(f.endswith(".cache.pt") for f in os.listdir(tmp_path))
-    assert train.tokenize_file(str(path), tok, cfg) == [(ids, labels)]
+    assert dataset.tokenize_file(str(path), tok, cfg) == [(ids, labels)]
 
 
 def test_truncation_is_counted(base, tmp_path, capsys):
     path = tmp_path / "long.jsonl"
     rows = [{"query": "q " * 5, "response": "a " * 400}, {"query": "q", "response": "short"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ex = train.tokenize_file(str(path), Tokenizer(base), dict(train.DEFAULTS, max_len=200, out_dir=str(tmp_path)))
+    ex = dataset.tokenize_file(str(path), Tokenizer(base), dict(train.DEFAULTS, max_len=200, out_dir=str(tmp_path)))
     assert max(len(e[0]) for e in ex) == 200 and "1 of 2 examples truncated to max_len=200" in capsys.readouterr().out
 
 
