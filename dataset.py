@@ -59,14 +59,14 @@ def segments(ex, data_format):
     raise ConfigError(f"--data_format: unknown {data_format!r} (metamathqa, alpaca, gsm8k, chat)")
 
 
-def read_lines(path):
-    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is an error naming it."""
+def read_lines(path, error=ConfigError):
+    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is an error naming it (eval.py: EvalError)."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise error(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
 
 
 def tokenize_file(path, tok, cfg):

@@ -312,13 +312,8 @@ def extract_code(output):
 # data and scoring
 
 def text_lines(path):
-    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is an error naming it."""
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                yield i, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise EvalError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+    from dataset import read_lines  # train.py's reader (torch comes with it: loaded here, not at --help)
+    return read_lines(path, EvalError)
 
 
 def read_jsonl(path):
