@@ -46,7 +46,7 @@ seed = 0  # seeds the base's pretraining and the fine-tune (another seed: anothe
 data_seed = 1337  # the task: which problems, the tokenizer
 n_train = 4000  # word problems to fine-tune on
 n_test = 2000  # held-out problems (bench/compare.py scores all of them, the demo the first eval_limit)
-n_pretrain = 30000  # pieces of pretraining text (about 1.3M tokens)
+n_pretrain = 60000  # pieces of pretraining text (about 3.7M tokens)
 vocab_size = 768  # sentencepiece pieces (BPE may stop short of it)
 # the base: a LLaMA of ~1M parameters, pretrained for pretrain_steps x 16 blocks of 256 tokens (~5 passes).
 # Small and well trained beats larger and undertrained here: at dim 256 and 600 steps (same time) the

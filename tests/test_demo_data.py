@@ -68,7 +68,7 @@ def test_annotations_and_answers(built):
         assert re.search(rf"<<[^<>]*={final}>>{final} \w+", steps.splitlines()[-1])  # last step is the answer
         assert row["query"] == row["question"]
         # MetaMathQA's form after eval.py's "Let's think step by step.", scored as eval.py scores a generation
-        assert row["response"] == f"Let's think step by step. {steps}\nThe answer is: {final}"
+        assert row["response"] == f"Let's think step by step.\n{steps}\nThe answer is: {final}"
         assert eval_lib.gsm8k_correct(eval_lib.extract_gsm8k(row["response"]), final)
 
 
@@ -76,7 +76,7 @@ def test_pretrain_is_plain_text(built):
     text = read(built, "pretrain.txt").decode()
     lines = text.splitlines()
     questions = [line for line in lines if line.endswith("?")]  # a worked problem: its question, then its steps
-    assert 0.2 * SMALL["n_pretrain"] < len(questions) < 0.4 * SMALL["n_pretrain"]
+    assert 0.5 * SMALL["n_pretrain"] < len(questions) < 0.7 * SMALL["n_pretrain"]
     test_questions = {r["question"] for r in rows(built, "test.jsonl")}
     assert not test_questions & set(questions)  # never a held-out problem
     for q in questions[:50]:  # each is followed by its solution steps, as in the answers
@@ -145,3 +145,8 @@ def test_fits_train_and_eval_prompts(built, tmp_path):
         assert ids[-1] == tok.eos_id and -100 not in labels[len(prompt):]
         continuation = tok.decode(ids[len(prompt):-1])
         assert eval_lib.score("gsm8k", continuation, ex)["correct"], continuation
+        # the steps are the very tokens that follow the question in the pretraining text (a new line each)
+        steps = row["answer"].rsplit("\n#### ", 1)[0]
+        plain = tok.encode(row["question"] + "\n" + steps)
+        n_steps = len(plain) - len(tok.encode(row["question"])) - 1  # the tokens after the question's line break
+        assert ids[len(prompt):len(prompt) + n_steps + 1] == plain[-n_steps - 1:], row["question"]

@@ -10,7 +10,7 @@ Writes to out_dir: pretrain.txt (plain text: worked problems, a question and the
 a line, never a held-out question; arithmetic facts, counting, sentences, one-step stories; never the
 instruction template nor "The answer is"), train.jsonl and test.jsonl (disjoint questions; each
 record has GSM8K's question/answer, answer ending "#### N", and MetaMathQA's query/response,
-response "Let's think step by step. <steps>\nThe answer is: N"), tokenizer.model, meta.json (the
+response "Let's think step by step.\n<steps>\nThe answer is: N"), tokenizer.model, meta.json (the
 settings, this file's hash and the sentencepiece version; written last, so a finished build with the
 same settings and code is reused, and any other is rebuilt).
 
@@ -19,6 +19,8 @@ Why the response starts with "Let's think step by step.": train.py (data_format=
 MetaMath protocol). Real MetaMathQA responses lack the phrase and a 7B model bridges the gap; a few-million
 parameter model trained from scratch may not. With the phrase in the response, eval's prompt is token for
 token a prefix of every training sequence, and what the model generates after it is what it was trained on.
+The steps start on a new line after it, as they follow the question in the pretraining text: a step's first word
+is then the same token as there ("The", not "▁The"), and the fine-tune need not learn the steps' first tokens anew.
 """
 import hashlib
 import json
@@ -38,18 +40,20 @@ out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build")  # w
 seed = 1337  # the problems, the corpus and their order
 n_train = 4000  # word problems to fine-tune on
 n_test = 2000  # held-out problems, none of them a training question
-n_pretrain = 30000  # lines of pretraining text
+n_pretrain = 60000  # pieces of pretraining text
 vocab_size = 768  # sentencepiece pieces (BPE may stop short of it)
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # -----------------------------------------------------------------------------
 
 NAMES = {"Tom": "he", "Ben": "he", "Sam": "he", "Max": "he", "Anna": "she", "Lily": "she", "Mia": "she", "Emma": "she"}
 ITEMS = ["apples", "pencils", "cookies", "stickers", "marbles", "books", "cards", "eggs"]
-# a third of the pretraining text is worked problems, the question and its steps as plain text (no instruction
-# template, no "The answer is"): the base learns the arithmetic and the steps there, as a real LLM learns maths from
-# the web, so fine-tuning teaches the instruction format and the answer line rather than arithmetic from scratch.
-# Without them the fine-tuned accuracy sat on a knife edge (23-50% between torch builds, seed spreads of 9-21 points)
-WORKED = 0.3
+# 60% of the pretraining pieces (~90% of its tokens) are worked problems, the question and its steps as plain text (no
+# instruction template, no "The answer is"): the base learns the arithmetic and the steps there, as a real LLM learns
+# maths from the web, so fine-tuning teaches the instruction format and the answer line rather than arithmetic from
+# scratch. With none, the fine-tuned accuracy sat on a knife edge (23-50% between torch builds); with 30% of the pieces
+# (9k problems seen 5 times) some seeds' bases never learned to copy a late number of the question (67-99% between
+# seeds); 60% of 60k pieces (36k problems, seen 1.6 times in the same steps) leaves fewer to memorise, more to copy.
+WORKED = 0.6
 COT = "Let's think step by step."  # the end of eval.py's prompt, the start of each response here
 # eval.py's prompt with an empty instruction, for the tokenizer only: its words get pieces of their own
 # (pretraining never shows it, fine-tuning puts no loss on it)
@@ -184,7 +188,7 @@ def prepare(out_dir=out_dir, seed=seed, n_train=n_train, n_test=n_test, n_pretra
             seen.add(q)
             body = "\n".join(steps)
             records.append({"question": q, "answer": f"{body}\n#### {r}",
-                            "query": q, "response": f"{COT} {body}\nThe answer is: {r}"})
+                            "query": q, "response": f"{COT}\n{body}\nThe answer is: {r}"})
     test, train = records[:n_test], records[n_test:]
     held_out = {row["question"] for row in test}
     lines = [pretrain_line(rng, held_out) for _ in range(n_pretrain)]
