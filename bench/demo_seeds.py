@@ -45,6 +45,13 @@ def main(argv):
     todo = [(py, s) for py in pythons for s in seeds]
     running, results = [], []
     os.makedirs(cfg["out_dir"], exist_ok=True)
+    # runs of earlier invocations in this out_dir stay in the table (rows can be run a piece at a time); a rerun
+    # of the same torch and seed replaces its line
+    path = os.path.join(cfg["out_dir"], "results.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            redo = {(versions[py], s) for py, s in todo}
+            results = [x for x in json.load(f) if (x["torch"], x["seed"]) not in redo]
     while todo or running:
         while todo and len(running) < cfg["jobs"]:
             py, s = todo.pop(0)
@@ -66,20 +73,27 @@ def main(argv):
                 acc = json.load(f)["accuracy"]
             results.append({"torch": versions[py], "seed": s, "accuracy": acc, "wall_s": time.time() - t0})
             print(f"  torch {versions[py]}, seed {s}: {100 * acc:.1f}% in {time.time() - t0:.0f}s", flush=True)
-    with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+            with open(path + ".tmp", "w") as f:  # after each run: an interrupted table keeps what it has
+                json.dump(results, f, indent=1)
+            os.replace(path + ".tmp", path)
+    return results, table(results, cfg["out_dir"])
+
+
+def table(results, out_dir):
     accs = [100 * x["accuracy"] for x in results]
     mean = statistics.fmean(accs)
     by = {(x["torch"], x["seed"]): 100 * x["accuracy"] for x in results}
+    seeds, builds = sorted({x["seed"] for x in results}), sorted({x["torch"] for x in results})
     lines = ["| torch | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
-    lines += [f"| {v} | " + " | ".join(f"{by[v, s]:.1f}%" for s in seeds) + " |" for v in versions.values()]
+    lines += [f"| {v} | " + " | ".join(f"{by[v, s]:.1f}%" if (v, s) in by else "-" for s in seeds) + " |"
+              for v in builds]
     lines.append(f"\nmean {mean:.1f}%, range {min(accs):.1f}-{max(accs):.1f}%, largest distance from the mean "
                  f"{max(abs(a - mean) for a in accs):.1f} points ({len(accs)} runs)")
     md = "\n".join(lines)
-    with open(os.path.join(cfg["out_dir"], "table.md"), "w") as f:
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(md + "\n")
     print(md)
-    return results
+    return md
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_orth_penalty_hand_checked():
 def test_matches_peft_adalora(base, demo_data, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    # lr 1e-3: the two models' fp32 rounding (logits of size ~20 here), amplified by Adam, stays ~3e-6 after 20 steps
+    # lr 1e-3: the two models' fp32 rounding (logits of size ~20 here), amplified by Adam, stays ~1e-5 after 20 steps
     cfg = ada_cfg(base, demo_data, tmp_path / "ours", lr=1e-3)
     res = train.train(cfg)
     total, final = cfg["max_steps"], cfg["max_steps"] - cfg["tfinal"]
@@ -104,7 +104,10 @@ def test_matches_peft_adalora(base, demo_data, tmp_path):
     for n, layer in layers.items():
         for ours, theirs in ((ck[f"{n}.lora_A"], layer.lora_A["default"]), (ck[f"{n}.lora_B"], layer.lora_B["default"]),
                              (ck[f"{n}.gate.lora_E"], layer.lora_E["default"].flatten())):
-            assert (ours - theirs.detach()).abs().max() <= 1e-5, n
+            # 20 Adam steps of lr 1e-3 move a weight by up to 2e-2; the two sides' fp32 rounding, which Adam's
+            # normalisation amplifies where a gradient is near 0, stays ~1e-5 (it depends on the data and the thread
+            # count); an error in a step (a wrong mask, scale or gradient) moves a weight by ~lr = 1e-3
+            assert (ours - theirs.detach()).abs().max() <= 5e-5, n
     assert (ck[f"{n}.gate.lora_E"] == 0).sum() == len(events[-1]["masked"][n])  # pruned lambdas are exact zeros
     # the first loss: ours logs the CE; PEFT's adds orth_reg_weight * R(P, Q), ours adds the same as penalty()
     with torch.no_grad():

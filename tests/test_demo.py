@@ -180,3 +180,33 @@ def test_compare_bad_methods(tmp_path, capsys):
     assert not os.listdir(tmp_path)  # failed before anything was built or run
     missing = [m for m in compare.TABLE.split(",") if not compare.knows(train, m)]
     assert "lora" not in missing and "beamlora_no_expand" not in missing
+
+
+def test_demo_seeds_table(tmp_path):
+    # the seeds-by-torch table from results gathered over several invocations: hand-computed mean, range, distance
+    import demo_seeds
+    results = [{"torch": "2.13.0+cpu", "seed": 0, "accuracy": 0.96}, {"torch": "2.13.0+cpu", "seed": 1, "accuracy": 0.90},
+               {"torch": "2.14.1", "seed": 0, "accuracy": 0.99}]
+    md = demo_seeds.table(results, str(tmp_path))
+    assert "| 2.13.0+cpu | 96.0% | 90.0% |" in md and "| 2.14.1 | 99.0% | - |" in md
+    # mean (96 + 90 + 99) / 3 = 95.0; the farthest, 90.0, is 5.0 points from it
+    assert "mean 95.0%, range 90.0-99.0%, largest distance from the mean 5.0 points (3 runs)" in md
+    assert (tmp_path / "table.md").read_text() == md + "\n"
+
+
+def test_base_probe(demo_run, tmp_path, capsys):
+    import base_probe
+    answer = "2 boxes of 3 make 2*3=<<2*3=6>>6.\nHe gives 1, so he has 6-1=<<6-1=5>>5 left.\n#### 5"
+    assert base_probe.done("2 boxes of 3 make 2*3=<<2*3=6>>6.\nHe has 6-1=<<6-1=5>>5 left.\nMore text", answer)
+    assert not base_probe.done("2*3=<<2*3=6>>6.\nHe has 6-2=<<6-2=4>>4 left.", answer)  # wrong number
+    assert not base_probe.done("2*3=<<2*3=6>>6.", answer)  # stops after one of two steps
+    assert not base_probe.done("2*3=<<2*3=6>>6.\nstill going\n6-1=<<6-1=5>>5", answer)  # right number, a line late
+    # on the demo's tiny base, through the real generate: the fraction it prints is the count it finished
+    _, argv, tmp = demo_run
+    data = str(tmp / "data" / "test.jsonl")
+    frac = base_probe.main([f"--model={only_base(tmp)}", f"--data={data}", "--max_new_tokens=8"])
+    assert f"of {TINY['n_test']} held-out problems" in capsys.readouterr().out and 0 <= frac <= 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "no steps"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: needs question and answer"):
+        base_probe.main([f"--model={only_base(tmp)}", f"--data={bad}"])
