@@ -96,7 +96,9 @@ def test_end_to_end_exports_and_schedule(base, demo_data, tmp_path):
     with torch.no_grad():
         ref = merged.eval()(x).logits
         for got in (on_base.eval()(x).logits, ours(x)):
-            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+            # fp32: x (W + BA) against x W + (x A^T) B^T rounds differently; through the layers that reached 1.4e-5 of
+            # the largest logit on the demo data; a missing cycle or scale is off by far more than 5e-5
+            assert (got - ref).abs().max() <= 5e-5 * ref.abs().max()
     conf = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
     assert conf["base_model_name_or_path"] == str(tmp_path / "merged_base")
     # the trained update is not low rank: merged - W0 has rank above r in the targets
