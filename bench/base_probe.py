@@ -11,7 +11,6 @@ the first k generated lines (k: the number of steps of its reference solution) e
 A weak base by this measure (78% on the demo's seed 0 before its last redesign, 96% after) made a weak
 and seed-dependent adapter (76% and 96%); demo.py explains the settings.
 """
-import json
 import os
 import re
 import sys
@@ -36,8 +35,9 @@ RESULT = re.compile(r">>(\d+)")  # the calculator annotation's result, "<<3*4=12
 def done(output, answer):
     """The reference answer "step\\nstep\\n#### N": are the first len(steps) lines of output ending in N?"""
     steps, gold = answer.rsplit("\n#### ", 1)
-    lines = output.strip("\n").split("\n")[:steps.count("\n") + 1]
-    results = RESULT.findall(lines[-1]) if len(lines) == steps.count("\n") + 1 else []
+    k = steps.count("\n") + 1
+    lines = output.strip("\n").split("\n")[:k]
+    results = RESULT.findall(lines[-1]) if len(lines) == k else []
     return bool(results) and results[-1] == gold.strip()
 
 
@@ -46,22 +46,13 @@ def main(argv):
     if not cfg["model"]:
         raise ConfigError("--model: give the base's checkpoint dir")
     import eval as eval_lib
-    import dataset
     model, tok, _ = eval_lib.load_model(cfg["model"], cfg["adapter"], device="cpu")
     rows = []
-    for n, line in dataset.read_lines(cfg["data"], eval_lib.EvalError):
-        try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg['data']}:{n}: not JSON ({e.msg})") from None
-        if row is None:
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "\n#### " not in str(row.get("answer")):
+    for n, row in eval_lib.read_jsonl(cfg["data"]):  # eval.py's reader: UTF-8, JSON objects, blank lines skipped
+        if not isinstance(row.get("question"), str) or "\n#### " not in str(row.get("answer")):
             raise ConfigError(f"{cfg['data']}:{n}: needs question and answer (steps, then '#### N')")
         rows.append(row)
     rows = rows[:cfg["limit"]] if cfg["limit"] else rows
-    if not rows:
-        raise ConfigError(f"{cfg['data']}: no problems")
     n_done = 0
     for i in range(0, len(rows), cfg["batch_size"]):
         batch = rows[i:i + cfg["batch_size"]]
