@@ -6,7 +6,7 @@ against MLP (gate, up, down), and over training, for the demo model or any run o
     python bench/lrlora_ranks.py --r=16 --seed=2       # another budget or seed (another seed: another base)
     python bench/lrlora_ranks.py --run=out/my_lrlora   # draw a run of your own (trained with --score_log_interval=N)
 
-The fine-tune is demo.py's (its data, base, steps, lr, batch, alpha = 2r) with --method=lrlora and the rank masks
+The fine-tune is demo.py's (its data, base, lr, batch, alpha = 2r; --steps, 500 by default) with --method=lrlora and the rank masks
 logged every score_log_interval steps (scores.jsonl: a module's rank is its number of mask values > 0.5).
 Writes out_dir/lrlora_ranks.png and a copy of the run's ranks.json.
 """
@@ -21,7 +21,8 @@ from configurator import ConfigError, parse_args  # noqa: E402
 from lrlora import ATTN  # noqa: E402
 
 ORDER = ATTN + ("gate_proj", "up_proj", "down_proj")
-DEFAULTS = dict(run="", out_dir="bench/results", work_dir="out/lrlora_ranks", r=8, seed=0, score_log_interval=10)  # seed: the demo's
+DEFAULTS = dict(run="", out_dir="bench/results", work_dir="out/lrlora_ranks", r=8, seed=0, steps=500,  # seed: the demo's
+                score_log_interval=10)  # steps: the figure's (the demo fine-tunes for 1000)
 
 
 def demo_run(cfg):
@@ -35,10 +36,10 @@ def demo_run(cfg):
     shutil.rmtree(run, ignore_errors=True)
     train.train(dict(train.DEFAULTS, out_dir=run, init_from=base, data=os.path.join(data, "train.jsonl"),
                      val_data=os.path.join(data, "test.jsonl"), data_format="metamathqa", max_len=256,
-                     method="lrlora", r=cfg["r"], alpha=2.0 * cfg["r"], dropout=0.0, max_steps=d["finetune_steps"],
+                     method="lrlora", r=cfg["r"], alpha=2.0 * cfg["r"], dropout=0.0, max_steps=cfg["steps"],
                      batch_size=d["batch_size"], micro_batch_size=d["batch_size"], lr=d["finetune_lr"],
                      warmup_ratio=0.05, dtype="float32", device="cpu", seed=cfg["seed"],
-                     log_interval=max(1, d["finetune_steps"] // 20), score_log_interval=cfg["score_log_interval"]))
+                     log_interval=max(1, cfg["steps"] // 20), score_log_interval=cfg["score_log_interval"]))
     return run
 
 
