@@ -67,9 +67,9 @@ pretrain_lr = 3e-3  # peak learning rate of the pretraining (cosine to a tenth)
 method = "beamlora"  # any train.py --method (full, lora, beamlora, ...)
 r = 8  # LoRA rank (alpha = 2r)
 # 1000 steps (4 passes over the problems), not 500: with 500 the fine-tune learnt or not, by seed and lr, to copy the
-# question's numbers into the steps through the instruction template (seed 4 under torch 2.13.0: 89.4%, 37 of its 53
-# misses a number copied wrong; seed 0 at lr 3e-3: 83.8%, 63 such misses). With 1000, seeds 0, 2 and 4 scored 97.2, 95.4
-# and 98.2% with no copy misses left. 1000 steps of 8 (the same time as 500 of 16) gave 91.0% on seed 4: it needs the passes.
+# question's numbers into the steps through the instruction template (bench/misses.py: seed 4 under torch 2.13.0 89.4%,
+# 43 of its 53 misses a number copied wrong; seed 0 at lr 3e-3 83.8%, 63 such). With 1000, seeds 0, 2 and 4 scored 97.2,
+# 95.4 and 98.2% with no copy miss left. 1000 steps of 8 (the time of 500 of 16) gave 91.0% on seed 4: it needs the passes.
 finetune_steps = 1000  # steps of batch_size problems
 finetune_lr = 5e-3  # peak learning rate of the fine-tune
 batch_size = 16  # problems per step

@@ -210,3 +210,27 @@ def test_base_probe(demo_run, tmp_path, capsys):
     bad.write_text('{"question": "q", "answer": "no steps"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: needs question and answer"):
         base_probe.main([f"--model={only_base(tmp)}", f"--data={bad}"])
+
+
+def test_misses(tmp_path, capsys):
+    import misses
+    q = "Below is an instruction.\n\n### Instruction:\nAnna has 9 boxes with 2 eggs in each box. She gives 32 eggs away."
+    rows = [  # (output, correct) -> the kind a hand reading gives
+        ("9*2=<<9*2=18>>18 eggs.\n18-32 ...", True),  # right: not a miss, whatever it says
+        ("9*2=<<9*2=18>>18 eggs.\n18+18=<<18+18=36>>36.\n36-30=<<36-30=6>>6", False),  # 30: in neither -> copy
+        ("9*2=<<9*2=18>>18 eggs.\n18+32=<<18+32=51>>51", False),  # 18 + 32 is 50 -> arithmetic
+        ("9*2=<<9*2=19>>19.\n19-7=<<19-7=12>>12", False),  # the first fault is the arithmetic, 7 comes after
+        ("9*2=<<9*2=18>>18.\n18+18=<<18+18=36>>36.\n36/4=<<36/4=9>>9", False),  # 4: not in the prompt -> copy
+        ("9*2=<<9*2=18>>18 eggs.\nThe answer is: 18", False),  # every step sound: a wrong plan -> other
+        ("9*2=<<9**2=81>>81", False),  # not + - * /: not checkable -> arithmetic (the step is not sound)
+    ]
+    path = tmp_path / "gsm8k_samples.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "output": o, "correct": c, "gold": "4"}) + "\n" for o, c in rows) + "\n")
+    assert [misses.kind(q, o) for o, c in rows[1:]] == ["copy", "arithmetic", "arithmetic", "copy", "other", "arithmetic"]
+    assert misses.value("9*2-4/2") == 16 and misses.value("__import__('os')") is None and misses.value("3/0") is None
+    (c,) = misses.main([str(path)])
+    assert c == dict(n=7, correct=1, arithmetic=3, copy=2, other=1)
+    assert "1 of 7 right; misses: arithmetic 3, copy 2, other 1" in capsys.readouterr().out
+    path.write_text('{"prompt": "q"}\n')
+    with pytest.raises(ValueError, match="gsm8k_samples.jsonl:1: not an eval.py sample"):
+        misses.main([str(path)])

@@ -1,0 +1,89 @@
+"""
+Why did a run miss? Sorts the wrong answers of eval.py's GSM8K samples (gsm8k_samples.jsonl) by the first
+thing that went wrong in the calculator annotations of the solution ("<<9*2=18>>18"):
+
+    arithmetic  an annotation's result is not what its expression gives ("58-51=17")
+    copy        an annotation uses a number that is neither in the prompt nor an earlier result
+                ("gives 32" in the question, "36-30" in the solution)
+    other       neither: a wrong plan, a missing step, no answer line
+
+    python bench/misses.py out/demo/beamlora/eval/gsm8k_samples.jsonl [more files ...]
+
+On the demo these two kinds tell a fine-tune that did not learn to read the question through the instruction
+template (copy misses by the dozen) from one that only slips in arithmetic, which no setting removes at this size.
+"""
+import ast
+import json
+import operator
+import re
+import sys
+
+ANNOTATION = re.compile(r"<<([^<>=]+)=(-?\d+(?:\.\d+)?)>>")
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def value(expr):
+    """An annotation's expression: numbers and + - * / only (parsed, never eval'd); None if anything else."""
+    def walk(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in OPS:
+            a, b = walk(node.left), walk(node.right)
+            return None if a is None or b is None or (b == 0 and isinstance(node.op, ast.Div)) else OPS[type(node.op)](a, b)
+        return None
+    try:
+        return walk(ast.parse(expr.strip(), mode="eval").body)
+    except (SyntaxError, ValueError):
+        return None
+
+
+def kind(prompt, output):
+    """'arithmetic', 'copy' or 'other': the first annotation of output that goes wrong, in order."""
+    known = {float(n) for n in NUMBER.findall(prompt)}
+    for expr, result in ANNOTATION.findall(output):
+        if any(float(n) not in known for n in NUMBER.findall(expr)):
+            return "copy"
+        v = value(expr)
+        if v is None or abs(v - float(result)) > 1e-9:
+            return "arithmetic"
+        known.add(float(result))
+    return "other"
+
+
+def count(path):
+    """{'n', 'correct', 'arithmetic', 'copy', 'other'} of one samples file."""
+    c = dict(n=0, correct=0, arithmetic=0, copy=0, other=0)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt, output, correct = row["prompt"], row["output"], row["correct"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: not an eval.py sample (needs prompt, output, correct)") from None
+            c["n"] += 1
+            c["correct" if correct else kind(prompt, output)] += 1
+    return c
+
+
+def main(paths):
+    if not paths or paths[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return []
+    out = []
+    for p in paths:
+        c = count(p)
+        out.append(c)
+        print(f"{p}: {c['correct']} of {c['n']} right; misses: arithmetic {c['arithmetic']}, copy {c['copy']}, "
+              f"other {c['other']}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
