@@ -2,7 +2,7 @@
 Does the demo's result hold? `python demo.py --seed=s` (data, base, fine-tune, eval: the first run a
 new user makes, with seed s) for several seeds under one or more Python interpreters (each with its
 own torch build), and the table of the adapter's held-out accuracy: mean, range, and the largest
-distance from the mean.
+distance from the mean. Each result records the git commit and thread count that made it.
 
     python bench/demo_seeds.py                                              # seeds 0-4, this python
     python bench/demo_seeds.py --pythons=python,/work/venv214/bin/python --jobs=2 --threads=1
@@ -21,13 +21,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from compare import git_commit  # noqa: E402
 from configurator import ConfigError, parse_args  # noqa: E402
 
 DEFAULTS = dict(out_dir="out/demo_seeds", pythons=sys.executable, seeds="0,1,2,3,4", jobs=1, threads=0, demo_args="")
 
 
 def main(argv):
-    cfg = parse_args(argv, DEFAULTS)
+    cfg = parse_args(argv, DEFAULTS, __file__)
     pythons = [p for p in cfg["pythons"].split(",") if p]
     seeds = [int(s) for s in str(cfg["seeds"]).split(",")]
     extra = cfg["demo_args"].split()
@@ -71,7 +72,8 @@ def main(argv):
             method = next(d for d in os.listdir(out) if d != "base")
             with open(os.path.join(out, method, "eval", "gsm8k_summary.json")) as f:
                 acc = json.load(f)["accuracy"]
-            results.append({"torch": versions[py], "seed": s, "accuracy": acc, "wall_s": time.time() - t0})
+            results.append({"torch": versions[py], "seed": s, "accuracy": acc, "wall_s": time.time() - t0,
+                            "threads": cfg["threads"] or "default", "commit": git_commit()})
             print(f"  torch {versions[py]}, seed {s}: {100 * acc:.1f}% in {time.time() - t0:.0f}s", flush=True)
             with open(path + ".tmp", "w") as f:  # after each run: an interrupted table keeps what it has
                 json.dump(results, f, indent=1)
