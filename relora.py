@@ -7,7 +7,8 @@ dtype it was loaded in (train.py: the training dtype), never written back to the
 sum of the cycles' updates is not low rank, so the result ships as merged weights. docs/RELORA.md.
 
     ReLoController   step(t): merge and restart every N steps; lr_factor(t): the restart warmups
-    prune_magnitude_ zero the smallest |x| of a tensor (the authors' magnitude_pruning_)
+    prune_magnitude_ zero the smallest |x| of a tensor (the authors' magnitude_pruning_); joint: an entry keeps
+                    both moments or neither
     save_base        the frozen weights as they stand (W0 + every merged cycle) as an HF checkpoint
 """
 import math
@@ -34,7 +35,7 @@ class ReLoController:
     step; lr_factor(t) scales the learning rate of step t + 1. Every process merges the same
     (replicated) adapter and draws A from the same seeded generator, so processes agree."""
 
-    def __init__(self, modules, optimizer, steps, warmup, prune, total_steps, seed=0):
+    def __init__(self, modules, optimizer, steps, warmup, prune, total_steps, seed=0, joint=True):
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             raise ValueError(f"ReLoRA prunes AdamW's exp_avg/exp_avg_sq; {type(optimizer).__name__} has none")
         if not modules or any(m.gate is not None for m in modules.values()):
@@ -44,6 +45,7 @@ class ReLoController:
                              f"relora_steps, relora_prune={prune} in [0, 1)")
         self.modules, self.opt = dict(modules), optimizer
         self.steps, self.warmup, self.prune, self.total = steps, warmup, prune, total_steps
+        self.joint = joint  # an entry keeps its moments only if both survive (docs/RELORA.md section 2)
         self.gen = torch.Generator().manual_seed(seed)  # the new A's, drawn on the cpu
         self.merges = 0
 
@@ -61,11 +63,16 @@ class ReLoController:
         for m in self.modules.values():
             self.merge_and_reinit(m)
             for p in (m.lora_A, m.lora_B):
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key not in self.opt.state.get(p, {}):
-                        continue
-                    x = self.opt.state[p][key]
+                state = [self.opt.state[p][k] for k in ("exp_avg", "exp_avg_sq") if k in self.opt.state.get(p, {})]
+                for x in state:
                     prune_magnitude_(x, self.prune)
+                if self.joint and len(state) == 2:
+                    # A's gradient is 0 right after a restart (B = 0): an exp_avg kept without its exp_avg_sq
+                    # would move A by lr * exp_avg / eps, thousands of times the lr, and the run diverges
+                    keep = (state[0] != 0) & (state[1] != 0)
+                    for x in state:
+                        x.mul_(keep)
+                for x in state:
                     zeroed, n = zeroed + int((x == 0).sum()), n + x.numel()
         self.merges += 1
         frac = zeroed / max(n, 1)
@@ -85,7 +92,7 @@ class ReLoController:
         return {"cycle": self.merges + 1}
 
     def config(self):
-        return {"steps": self.steps, "warmup": self.warmup, "prune": self.prune, "total": self.total}
+        return {"steps": self.steps, "warmup": self.warmup, "prune": self.prune, "total": self.total, "joint": self.joint}
 
     def state_dict(self):
         # the merged frozen weights are part of the state: the base's files hold W0 only

@@ -105,6 +105,7 @@ incre_lr_warmup = -1  # lr warmup of the new ranks (-1: as long as the main warm
 relora_steps = 0  # steps per cycle: merge, re-initialise, prune the moments, restart the lr (0: a quarter of the steps)
 relora_warmup = 0  # steps of the lr warmup after each restart (0: min(50, relora_steps // 10), at least 1)
 relora_prune = 0.99  # fraction of each AdamW moment tensor of A and B zeroed at a restart, smallest magnitudes first
+relora_joint = True  # an entry keeps both moments or neither (False: each tensor on its own, the authors' code)
 # LR-LoRA (lrlora.py, docs/LRLORA.md): --r is the budget, the mean rank in parameters (LoRA r's count)
 r_max = 0  # ranks allocated per module; each learns its rank in [0, r_max] (0: 2r)
 r_init = 0.0  # every module's rank rho at step 0 (0: r)
@@ -358,7 +359,8 @@ def make_controller(mods, optimizer, cfg, total):
     if cfg["method"] == "relora":
         steps = cfg["relora_steps"] or max(1, total // 4)
         warmup = cfg["relora_warmup"] or max(1, min(50, steps // 10))
-        return relora.ReLoController(mods, optimizer, steps, warmup, cfg["relora_prune"], total, seed=cfg["seed"])
+        return relora.ReLoController(mods, optimizer, steps, warmup, cfg["relora_prune"], total, seed=cfg["seed"],
+                                     joint=cfg["relora_joint"])
     if cfg["method"] == "lrlora":
         return lrlora.RankController(mods, optimizer, budget_rank=cfg["r"], total_steps=total, lr=cfg["lr"],
                                      rank_lr=cfg["rank_lr"], temp_start=cfg["temp_start"], temp_end=cfg["temp_end"],

@@ -40,18 +40,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import ConfigError, parse_args  # noqa: E402
 
-VARIANTS = {  # name -> train.py settings (the paper's ablations, docs/BEAMLORA.md section 5)
+VARIANTS = {  # name -> train.py settings (the paper's ablations, docs/BEAMLORA.md section 5; ReLoRA's reset)
     "beamlora_no_expand": dict(method="beamlora", no_expand=True),  # Table 3 "w/o expansion"
     "beamlora_random_assess": dict(method="beamlora", random_assess=True),  # "w/o assessment"
     "beamlora_static_p": dict(method="beamlora", static_p=True),  # "w/o dynamic p"
     "beamlora_no_history": dict(method="beamlora", no_history=True),  # "w/o history" (not in the paper's table)
     "beamlora_keep_moments": dict(method="beamlora", inherit_moments="keep"),  # what the authors' code executes
+    "relora_independent": dict(method="relora", relora_joint=False),  # the authors' reset (docs/RELORA.md section 2)
 }
 METHOD_OPTIONS = {  # method -> train.py settings it needs here; one line per method
     "full": dict(lr=1e-3),  # every weight trained: LoRA's 5e-3 would undo the base's pretraining (its peak was 3e-3)
 }
-ABLATIONS = "lora,beamlora," + ",".join(VARIANTS)
-TABLE = "lora,full,dora,pissa,milora,adalora,relora,increlora,lrlora," + ",".join(["beamlora"] + list(VARIANTS))
+BEAM_VARIANTS = [v for v in VARIANTS if v.startswith("beamlora_")]
+ABLATIONS = "lora,beamlora," + ",".join(BEAM_VARIANTS)
+TABLE = "lora,full,dora,pissa,milora,adalora,relora,relora_independent,increlora,lrlora," + ",".join(["beamlora"] + BEAM_VARIANTS)
 QUICK = dict(methods="lora,beamlora", seeds=2, steps=100, eval_limit=200)  # --quick: only what is not given
 DEFAULTS = dict(
     out_dir="out/compare",

@@ -194,6 +194,24 @@ def test_demo_seeds_table(tmp_path):
     assert (tmp_path / "table.md").read_text() == md + "\n"
 
 
+def test_demo_seeds_runs(tmp_path):
+    # end to end at the tiny size: one run through python demo.py, its accuracy, commit and threads in results.json;
+    # a second invocation keeps the other rows and replaces the same torch and seed
+    import demo_seeds
+    from compare import git_commit
+    out = tmp_path / "seeds"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps([{"torch": "0.0-other", "seed": 0, "accuracy": 0.5},
+                                                  {"torch": torch.__version__, "seed": 0, "accuracy": 0.0}]))
+    args = " ".join([f"--data_dir={tmp_path / 'data'}"] + [f"--{k}={v}" for k, v in TINY.items()])
+    results, md = demo_seeds.main([f"--out_dir={out}", "--seeds=0", "--threads=1", f"--demo_args={args}"])
+    (mine,) = [x for x in results if x["torch"] == torch.__version__]
+    summary = json.loads((out / f"{torch.__version__}_s0" / "beamlora" / "eval" / "gsm8k_summary.json").read_text())
+    assert mine["accuracy"] == summary["accuracy"] and mine["threads"] == 1 and mine["commit"] == git_commit()
+    assert json.loads((out / "results.json").read_text()) == results and len(results) == 2
+    assert "| 0.0-other | 50.0% |" in md
+
+
 def test_base_probe(demo_run, tmp_path, capsys):
     import base_probe
     answer = "2 boxes of 3 make 2*3=<<2*3=6>>6.\nHe gives 1, so he has 6-1=<<6-1=5>>5 left.\n#### 5"
