@@ -5,12 +5,15 @@ thing that went wrong in the calculator annotations of the solution ("<<9*2=18>>
     arithmetic  an annotation's result is not what its expression gives ("58-51=17")
     copy        an annotation uses a number that is neither in the prompt nor an earlier result
                 ("gives 32" in the question, "36-30" in the solution)
-    other       neither: a wrong plan, a missing step, no answer line
+    format      neither, and the scorer found no answer (eval.py's "invalid"): "The answer isThe 41"
+    answer      neither, and the answer line does not repeat the last result ("...=10>>10 left.\nThe answer is: 11")
+    other       none of these: a wrong plan, a missing step
 
     python bench/misses.py out/demo/beamlora/eval/gsm8k_samples.jsonl [more files ...]
 
-On the demo these two kinds tell a fine-tune that did not learn to read the question through the instruction
-template (copy misses by the dozen) from one that only slips in arithmetic, which no setting removes at this size.
+On the demo these kinds tell a fine-tune that did not learn to read the question through the instruction template
+(copy misses by the dozen) or to write the answer line (format: its tokens never occur in the base's pretraining text)
+from one that only slips in arithmetic, which no setting removes at this size.
 """
 import ast
 import json
@@ -38,9 +41,10 @@ def value(expr):
         return None
 
 
-def kind(prompt, output):
-    """'arithmetic', 'copy' or 'other': the first annotation of output that goes wrong, in order."""
-    known = {float(n) for n in NUMBER.findall(prompt)}
+def kind(prompt, output, valid=True, extracted=None):
+    """'arithmetic', 'copy', 'format', 'answer' or 'other': the first annotation of output that goes wrong, in order;
+    if none, whether the scorer read an answer (valid) and whether it (extracted) is the last result."""
+    known, last = {float(n) for n in NUMBER.findall(prompt)}, None
     for expr, result in ANNOTATION.findall(output):
         if any(float(n) not in known for n in NUMBER.findall(expr)):
             return "copy"
@@ -48,12 +52,18 @@ def kind(prompt, output):
         if v is None or abs(v - float(result)) > 1e-9:
             return "arithmetic"
         known.add(float(result))
-    return "other"
+        last = float(result)
+    if not valid:
+        return "format"
+    try:
+        return "answer" if last is not None and extracted is not None and float(extracted) != last else "other"
+    except (TypeError, ValueError):
+        return "other"
 
 
 def count(path):
     """{'n', 'correct', 'arithmetic', 'copy', 'other'} of one samples file."""
-    c = dict(n=0, correct=0, arithmetic=0, copy=0, other=0)
+    c = dict(n=0, correct=0, arithmetic=0, copy=0, format=0, answer=0, other=0)
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -64,7 +74,7 @@ def count(path):
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{path}:{n}: not an eval.py sample (needs prompt, output, correct)") from None
             c["n"] += 1
-            c["correct" if correct else kind(prompt, output)] += 1
+            c["correct" if correct else kind(prompt, output, row.get("valid", True), row.get("extracted"))] += 1
     return c
 
 
@@ -77,7 +87,7 @@ def main(paths):
         c = count(p)
         out.append(c)
         print(f"{p}: {c['correct']} of {c['n']} right; misses: arithmetic {c['arithmetic']}, copy {c['copy']}, "
-              f"other {c['other']}")
+              f"format {c['format']}, answer {c['answer']}, other {c['other']}")
     return out
 
 

@@ -240,15 +240,21 @@ def test_misses(tmp_path, capsys):
         ("9*2=<<9*2=19>>19.\n19-7=<<19-7=12>>12", False),  # the first fault is the arithmetic, 7 comes after
         ("9*2=<<9*2=18>>18.\n18+18=<<18+18=36>>36.\n36/4=<<36/4=9>>9", False),  # 4: not in the prompt -> copy
         ("9*2=<<9*2=18>>18 eggs.\nThe answer is: 18", False),  # every step sound: a wrong plan -> other
+        ("9*2=<<9*2=18>>18 eggs.\n18+32=<<18+32=50>>50 eggs.\nThe answer isThe 50", False),  # no answer read -> format
+        ("9*2=<<9*2=18>>18 eggs.\n18+32=<<18+32=50>>50 eggs.\nThe answer is: 51", False),  # not the last result -> answer
         ("9*2=<<9**2=81>>81", False),  # not + - * /: not checkable -> arithmetic (the step is not sound)
     ]
     path = tmp_path / "gsm8k_samples.jsonl"
-    path.write_text("".join(json.dumps({"prompt": q, "output": o, "correct": c, "gold": "4"}) + "\n" for o, c in rows) + "\n")
-    assert [misses.kind(q, o) for o, c in rows[1:]] == ["copy", "arithmetic", "arithmetic", "copy", "other", "arithmetic"]
+    def extracted(o):  # as eval.py's scorer reads it: the number after "The answer is:", None when there is none
+        return o.rsplit("The answer is: ", 1)[1] if "The answer is: " in o else None
+    path.write_text("".join(json.dumps({"prompt": q, "output": o, "correct": c, "gold": "4", "valid": "isThe" not in o,
+                                        "extracted": extracted(o)}) + "\n" for o, c in rows) + "\n")
+    assert [misses.kind(q, o, "isThe" not in o, extracted(o)) for o, c in rows[1:]] == [
+        "copy", "arithmetic", "arithmetic", "copy", "other", "format", "answer", "arithmetic"]
     assert misses.value("9*2-4/2") == 16 and misses.value("__import__('os')") is None and misses.value("3/0") is None
     (c,) = misses.main([str(path)])
-    assert c == dict(n=7, correct=1, arithmetic=3, copy=2, other=1)
-    assert "1 of 7 right; misses: arithmetic 3, copy 2, other 1" in capsys.readouterr().out
+    assert c == dict(n=9, correct=1, arithmetic=3, copy=2, format=1, answer=1, other=1)
+    assert "1 of 9 right; misses: arithmetic 3, copy 2, format 1, answer 1, other 1" in capsys.readouterr().out
     path.write_text('{"prompt": "q"}\n')
     with pytest.raises(ValueError, match="gsm8k_samples.jsonl:1: not an eval.py sample"):
         misses.main([str(path)])
