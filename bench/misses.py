@@ -16,10 +16,12 @@ On the demo these kinds tell a fine-tune that did not learn to read the question
 from one that only slips in arithmetic, which no setting removes at this size.
 """
 import ast
-import json
 import operator
+import os
 import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ANNOTATION = re.compile(r"<<([^<>=]+)=(-?\d+(?:\.\d+)?)>>")
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -62,19 +64,16 @@ def kind(prompt, output, valid=True, extracted=None):
 
 
 def count(path):
-    """{'n', 'correct', 'arithmetic', 'copy', 'other'} of one samples file."""
+    """{'n', 'correct', 'arithmetic', 'copy', 'format', 'answer', 'other'} of one samples file."""
+    from eval import read_jsonl  # eval.py's reader: UTF-8, JSON objects, blank lines skipped, line numbers
     c = dict(n=0, correct=0, arithmetic=0, copy=0, format=0, answer=0, other=0)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt, output, correct = row["prompt"], row["output"], row["correct"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: not an eval.py sample (needs prompt, output, correct)") from None
-            c["n"] += 1
-            c["correct" if correct else kind(prompt, output, row.get("valid", True), row.get("extracted"))] += 1
+    for n, row in read_jsonl(path):
+        try:
+            prompt, output, correct = row["prompt"], row["output"], row["correct"]
+        except KeyError:
+            raise ValueError(f"{path}:{n}: not an eval.py sample (needs prompt, output, correct)") from None
+        c["n"] += 1
+        c["correct" if correct else kind(prompt, output, row.get("valid", True), row.get("extracted"))] += 1
     return c
 
 
