@@ -52,6 +52,7 @@ n_train = 4000  # word problems to fine-tune on
 n_test = 2000  # held-out problems (bench/compare.py scores all of them, the demo the first eval_limit)
 n_pretrain = 60000  # pieces of pretraining text (about 3.7M tokens)
 vocab_size = 768  # sentencepiece pieces (BPE may stop short of it)
+answer_form = 0.0  # the share of pretraining's worked problems in the response's form (data/demo/prepare.py)
 # the base: a LLaMA of ~1M parameters, pretrained for pretrain_steps x 8 blocks of 256 tokens (~1.6 passes).
 # Small and well trained beats larger and undertrained here: at dim 256 and 600 steps (same time) the
 # fine-tuned accuracy was 2-4%, at dim 128 and 1500 steps about 50% (with the corpus before worked problems).
@@ -90,7 +91,8 @@ def load_prepare():
 
 def prepare_data(cfg):
     return load_prepare().prepare(cfg["data_dir"], seed=cfg["data_seed"], n_train=cfg["n_train"], n_test=cfg["n_test"],
-                                  n_pretrain=cfg["n_pretrain"], vocab_size=cfg["vocab_size"])
+                                  n_pretrain=cfg["n_pretrain"], vocab_size=cfg["vocab_size"],
+                                  answer_form=cfg["answer_form"])
 
 
 def base_config(n_vocab, cfg):

@@ -58,6 +58,8 @@ QUICK = dict(methods="lora,beamlora", seeds=2, steps=100, eval_limit=200)  # --q
 DEFAULTS = dict(
     out_dir="out/compare",
     base="",  # an HF checkpoint dir; empty: the demo's base (built by demo.py's code if missing)
+    answer_form=0.3,  # the demo's base only: the share of its pretraining's worked problems in the response's form
+    base_threads=2,  # the demo's base only: torch threads it is pretrained with (part of its key)
     data="",  # training jsonl (metamathqa fields); empty: the demo's train.jsonl
     test="",  # held-out jsonl for accuracy (eval.py's gsm8k scorer) and loss; empty: the demo's test.jsonl
     methods=ABLATIONS,  # comma-separated; "table": TABLE, skipping methods train.py does not have (yet)
@@ -276,13 +278,22 @@ def finish(proc, log, run_dir):
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def demo_task():
-    """The demo's base, train and test files (built by demo.py's code when missing or out of date)."""
+def demo_task(cfg):
+    """The demo's task with cfg's answer_form: base, train and test files (built by demo.py's code when missing or
+    out of date). The data goes beside the results (the demo's own build keeps its settings); the base goes with the
+    demo's, keyed by what made it, pretrained with base_threads threads so any machine builds the same one."""
     import demo
+    import torch
     import train
-    cfg = dict(demo.DEFAULTS)
-    data_dir = demo.prepare_data(cfg)
-    return demo.build_base(data_dir, cfg, train.run), os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "test.jsonl")
+    task = dict(demo.DEFAULTS, answer_form=cfg["answer_form"], data_dir=os.path.join(cfg["out_dir"], "data"))
+    data_dir = demo.prepare_data(task)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["base_threads"])
+    try:
+        base = demo.build_base(data_dir, task, train.run)
+    finally:
+        torch.set_num_threads(threads)
+    return base, os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "test.jsonl")
 
 
 def main(argv):
@@ -307,12 +318,14 @@ def main(argv):
     ranks = [int(r) for r in str(cfg["ranks"]).split(",")]
     if cfg["seeds"] < 1 or cfg["jobs"] < 1 or cfg["threads"] < 1:
         raise ConfigError("--seeds, --jobs and --threads must be >= 1")
+    if not 0 <= cfg["answer_form"] <= 1:
+        raise ConfigError(f"--answer_form={cfg['answer_form']}: a share, 0 to 1")
     settings = {m: method_settings(m, train.DEFAULTS) for m in labels}
     for m in labels:  # bad names and options fail here, before any base is built or run started
         check_method(train, m, settings[m])
     base, data, test = cfg["base"], cfg["data"], cfg["test"]
     if not base:
-        base, demo_data, demo_test = demo_task()
+        base, demo_data, demo_test = demo_task(cfg)
         data, test = data or demo_data, test or demo_test
     for key, path in (("base", base), ("data", data), ("test", test)):
         if not path or not os.path.exists(path):

@@ -8,7 +8,8 @@ same domain, and a sentencepiece tokenizer trained on both. No download.
 
 Writes to out_dir: pretrain.txt (plain text: worked problems, a question and then one solution step
 a line, never a held-out question; arithmetic facts, counting, sentences, one-step stories; never the
-instruction template nor "The answer is"), train.jsonl and test.jsonl (disjoint questions; each
+instruction template, and "The answer is" only in the share answer_form of worked problems written in the
+response's form), train.jsonl and test.jsonl (disjoint questions; each
 record has GSM8K's question/answer, answer ending "#### N", and MetaMathQA's query/response,
 response "Let's think step by step.\n<steps>\nThe answer is: N"), tokenizer.model, meta.json (the
 settings, this file's hash and the sentencepiece version; written last, so a finished build with the
@@ -42,6 +43,9 @@ n_train = 4000  # word problems to fine-tune on
 n_test = 2000  # held-out problems, none of them a training question
 n_pretrain = 60000  # pieces of pretraining text
 vocab_size = 768  # sentencepiece pieces (BPE may stop short of it)
+# the share of the pretraining's worked problems written in the response's form ("Let's think step by step." before
+# the steps, "The answer is: N" after): 0 for the demo, whose fine-tune teaches that form; bench/compare.py uses 0.3
+answer_form = 0.0
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # -----------------------------------------------------------------------------
 
@@ -126,15 +130,19 @@ def problem(rng):
     return q, steps, r
 
 
-def pretrain_line(rng, held_out):
-    """One piece of plain domain text: a worked problem (never one of held_out's questions), an arithmetic fact,
-    counting, a sentence or a one-step story. Only worked problems span lines (question, then one step a line)."""
+def pretrain_line(rng, held_out, answer_form=0.0):
+    """One piece of plain domain text: a worked problem (never one of held_out's questions; a share answer_form of
+    them in the response's form), an arithmetic fact, counting, a sentence or a one-step story. Only worked problems
+    span lines (question, then one step a line)."""
     u = rng.random()
     if u < WORKED:
         while True:
-            q, steps, _ = problem(rng)
+            q, steps, r = problem(rng)
             if q not in held_out:
-                return "\n".join([q] + steps)
+                break
+        if answer_form and rng.random() < answer_form:  # no draw at 0: the demo's corpus keeps its bytes
+            return "\n".join([f"{q} {COT}"] + steps + [f"The answer is: {r}"])  # "▁Let" as after eval's prompt
+        return "\n".join([q] + steps)
     u = (u - WORKED) / (1 - WORKED)  # the rest of the mix as before
     a, b = rng.sample(sorted(NAMES), 2)
     he, item = NAMES[a], rng.choice(ITEMS)
@@ -164,11 +172,14 @@ def pretrain_line(rng, held_out):
         f"{a} pays {p} dollars with a {c} dollar bill. {He} gets {calc(c, '-', p)[0]} dollars in change."])
 
 
-def prepare(out_dir=out_dir, seed=seed, n_train=n_train, n_test=n_test, n_pretrain=n_pretrain, vocab_size=vocab_size):
+def prepare(out_dir=out_dir, seed=seed, n_train=n_train, n_test=n_test, n_pretrain=n_pretrain, vocab_size=vocab_size,
+            answer_form=answer_form):
+    if not 0 <= answer_form <= 1:
+        raise ConfigError(f"--answer_form={answer_form}: a share, 0 to 1")
     with open(__file__, "rb") as f:  # a change to this generator, or another sentencepiece, rebuilds
         code = hashlib.sha256(f.read()).hexdigest()[:12]
     meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "n_pretrain": n_pretrain, "vocab_size": vocab_size,
-            "generator": code, "sentencepiece": spm.__version__}
+            "answer_form": answer_form, "generator": code, "sentencepiece": spm.__version__}
     names = ["pretrain.txt", "train.jsonl", "test.jsonl", "tokenizer.model", "meta.json"]
     meta_path = os.path.join(out_dir, "meta.json")
     if all(os.path.isfile(os.path.join(out_dir, n)) for n in names):
@@ -191,7 +202,7 @@ def prepare(out_dir=out_dir, seed=seed, n_train=n_train, n_test=n_test, n_pretra
                             "query": q, "response": f"{COT}\n{body}\nThe answer is: {r}"})
     test, train = records[:n_test], records[n_test:]
     held_out = {row["question"] for row in test}
-    lines = [pretrain_line(rng, held_out) for _ in range(n_pretrain)]
+    lines = [pretrain_line(rng, held_out, answer_form) for _ in range(n_pretrain)]
     for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
