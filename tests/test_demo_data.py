@@ -90,6 +90,25 @@ def test_pretrain_is_plain_text(built):
         assert safe_eval(f"{x}{op}{y}") == int(r)
 
 
+def test_answer_form(built, tmp_path):
+    # bench/compare.py's base: a share of the worked problems in the response's form, each answer line the value of
+    # its last step; the train and test problems as at 0 (built)
+    out = prepare.prepare(str(tmp_path / "form"), seed=3, answer_form=0.3, **SMALL)
+    lines = read(out, "pretrain.txt").decode().splitlines()
+    worked = [i for i, line in enumerate(lines) if line.endswith("?") or line.endswith("? " + prepare.COT)]
+    formed = [i for i in worked if lines[i].endswith(prepare.COT)]
+    assert 0.2 * len(worked) < len(formed) < 0.4 * len(worked)
+    for i in formed:
+        j = next(k for k in range(i + 1, len(lines)) if lines[k].startswith("The answer is: "))
+        assert all(ANNOTATION.search(step) for step in lines[i + 1:j]) and 2 <= j - i - 1 <= 3, lines[i:j + 1]
+        assert lines[j] == f"The answer is: {ANNOTATION.findall(lines[j - 1])[-1][1]}"
+    assert sum(line.startswith("The answer is: ") for line in lines) == len(formed)
+    assert read(out, "train.jsonl") == read(built, "train.jsonl") and read(out, "test.jsonl") == read(built, "test.jsonl")
+    assert json.loads(read(out, "meta.json"))["answer_form"] == 0.3
+    with pytest.raises(prepare.ConfigError, match="answer_form=1.5"):
+        prepare.prepare(str(tmp_path / "bad"), seed=3, answer_form=1.5, **SMALL)
+
+
 def test_train_test_disjoint(built):
     train = {r["question"] for r in rows(built, "train.jsonl")}
     test = {r["question"] for r in rows(built, "test.jsonl")}
