@@ -2,11 +2,11 @@
 LR-LoRA's learned ranks in one figure (matplotlib needed here only): per layer depth, attention (q, k, v, o)
 against MLP (gate, up, down), and over training, for the demo model or any run of train.py --method=lrlora.
 
-    python bench/lrlora_ranks.py                       # fine-tune the demo's base (demo.py) with LR-LoRA, then draw
-    python bench/lrlora_ranks.py --r=16 --seed=2       # another budget or seed (another seed: another base)
+    python bench/lrlora_ranks.py                       # fine-tune bench/compare.py's base with LR-LoRA, then draw
+    python bench/lrlora_ranks.py --r=16 --seed=2       # another budget or fine-tuning seed (the same base)
     python bench/lrlora_ranks.py --run=out/my_lrlora   # draw a run of your own (trained with --score_log_interval=N)
 
-The fine-tune is demo.py's (its data, base, lr, batch, alpha = 2r; --steps, 500 by default) with --method=lrlora and the rank masks
+The fine-tune is bench/compare.py's lrlora run (its data and base, demo.py's lr and batch, alpha = 2r; --steps, 500) with --method=lrlora and the rank masks
 logged every score_log_interval steps (scores.jsonl: a module's rank is its number of mask values > 0.5).
 Writes out_dir/lrlora_ranks.png and a copy of the run's ranks.json.
 """
@@ -21,21 +21,22 @@ from configurator import ConfigError, parse_args  # noqa: E402
 from lrlora import ATTN  # noqa: E402
 
 ORDER = ATTN + ("gate_proj", "up_proj", "down_proj")
-DEFAULTS = dict(run="", out_dir="bench/results", work_dir="out/lrlora_ranks", r=8, seed=0, steps=500,  # seed: the demo's
+DEFAULTS = dict(run="", out_dir="bench/results", work_dir="out/lrlora_ranks", r=8, seed=0, steps=500,  # seed: the fine-tune's
                 score_log_interval=10)  # steps: the figure's (the demo fine-tunes for 1000)
 
 
 def demo_run(cfg):
     """Fine-tune the demo base with LR-LoRA as demo.py fine-tunes with BeamLoRA; returns the run's directory."""
+    import compare
     import demo
     import train
-    d = dict(demo.DEFAULTS, seed=cfg["seed"])
-    data = demo.prepare_data(d)
-    base = demo.build_base(data, d, train.run)  # reuses the demo's base (out/demo/base/<key>) when its key matches
+    d = demo.DEFAULTS
+    # bench/compare.py's task and base (reused from out/demo/base/<key> when its key matches)
+    base, data, test = compare.demo_task(dict(compare.DEFAULTS, out_dir=cfg["work_dir"]))
     run = os.path.join(cfg["work_dir"], f"lrlora_r{cfg['r']}_s{cfg['seed']}")
     shutil.rmtree(run, ignore_errors=True)
-    train.train(dict(train.DEFAULTS, out_dir=run, init_from=base, data=os.path.join(data, "train.jsonl"),
-                     val_data=os.path.join(data, "test.jsonl"), data_format="metamathqa", max_len=256,
+    train.train(dict(train.DEFAULTS, out_dir=run, init_from=base, data=data, val_data=test,
+                     data_format="metamathqa", max_len=256,
                      method="lrlora", r=cfg["r"], alpha=2.0 * cfg["r"], dropout=0.0, max_steps=cfg["steps"],
                      batch_size=d["batch_size"], micro_batch_size=d["batch_size"], lr=d["finetune_lr"],
                      warmup_ratio=0.05, dtype="float32", device="cpu", seed=cfg["seed"],
