@@ -43,9 +43,9 @@ n_train = 4000  # word problems to fine-tune on
 n_test = 2000  # held-out problems, none of them a training question
 n_pretrain = 60000  # pieces of pretraining text
 vocab_size = 768  # sentencepiece pieces (BPE may stop short of it)
-# the share of the pretraining's worked problems written in the response's form ("Let's think step by step." before
-# the steps, "The answer is: N" after): 0 for the demo, whose fine-tune teaches that form; bench/compare.py uses 0.3
-answer_form = 0.0
+# the response's form: "Let's think step by step." after the question, "The answer is: N" after the steps. The demo's
+# fine-tune teaches it (0); bench/compare.py's base has seen it (0.3), so its output rows are trained in pretraining
+answer_form = 0.0  # the share of the worked problems written in the response's form
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # -----------------------------------------------------------------------------
 
