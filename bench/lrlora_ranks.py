@@ -26,7 +26,7 @@ DEFAULTS = dict(run="", out_dir="bench/results", work_dir="out/lrlora_ranks", r=
 
 
 def demo_run(cfg):
-    """Fine-tune the demo base with LR-LoRA as demo.py fine-tunes with BeamLoRA; returns the run's directory."""
+    """Fine-tune bench/compare.py's base with LR-LoRA as its lrlora run does; returns the run's directory."""
     import compare
     import demo
     import train
