@@ -7,6 +7,8 @@ A config file is plain Python assigning some of the defaults (it is the user's o
 exec as nanoGPT does). A --key=value is read as a Python literal when it parses as one (else as a
 string) and must match the type of the default. An unknown key is an error listing the valid ones.
 
+cli(main) is every script's entry point: main(sys.argv[1:]), with bad input reported as one line.
+
 --help (or -h) prints the script's docstring and every option with its type, default and the comment
 at the end of its line, grouped under the comment lines that head each group in the file: the
 defaults block is the one place an option is documented.
@@ -120,3 +122,17 @@ def parse_args(argv, defaults, path=None, doc_path=None):
             value = raw  # --out_dir=123 stays a string
         config[key] = coerce(key, value, defaults[key])
     return config
+
+
+def cli(main, errors=(ValueError, OSError), code=lambda e: 1):
+    """Run main(sys.argv[1:]) as a script: an error of `errors` (bad input: ConfigError is a ValueError) is one
+    `error: ...` line on stderr and exit code(e), no traceback (BEAMLORA_DEBUG=1 shows it); Ctrl-C exits 130."""
+    try:
+        main(sys.argv[1:])
+    except errors as e:
+        if os.environ.get("BEAMLORA_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(code(e))
+    except KeyboardInterrupt:
+        sys.exit(130)
