@@ -17,7 +17,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import ConfigError, parse_args  # noqa: E402
+from configurator import ConfigError, cli, parse_args  # noqa: E402
 
 # -----------------------------------------------------------------------------
 model = ""  # the base: an HF checkpoint dir (demo.py builds out/demo/base/<key>/model)
@@ -26,7 +26,8 @@ data = os.path.join(ROOT, "data", "demo", "build", "test.jsonl")  # held-out pro
 limit = 500  # the first this many problems; 0: all
 batch_size = 100  # problems decoded at once
 max_new_tokens = 96  # a solution here is about 60 tokens
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 del DEFAULTS["ROOT"]
 # -----------------------------------------------------------------------------
 RESULT = re.compile(r">>(\d+)")  # the calculator annotation's result, "<<3*4=12>>12"
@@ -64,8 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

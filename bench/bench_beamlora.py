@@ -25,7 +25,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import beamlora  # noqa: E402
-from configurator import ConfigError, parse_args  # noqa: E402
+from configurator import ConfigError, cli, parse_args  # noqa: E402
 
 DEFAULTS = dict(
     part="layer,operate",  # which parts to run
@@ -177,7 +177,8 @@ def layer_table(rows):
     lines = ["| layer | in x out | r | tokens | BeamLoRA ms | our LoRA ms | PEFT LoRA ms | "
              "BeamLoRA / our LoRA (aim <= 1.03) | our LoRA / PEFT (aim <= 1.0) |", "|" + "---|" * 9]
     for x in rows:
-        lines.append(f"| {x['shape']} | {x['in']} x {x['out']} | {x['r']} | {x['tokens']} | {x['ms']['BeamLoRA']:.3f} | "
+        lines.append(f"| {x['shape']} | {x['in']} x {x['out']} | {x['r']} | {x['tokens']} | "
+                     f"{x['ms']['BeamLoRA']:.3f} | "
                      f"{x['ms']['our LoRA']:.3f} | {x['ms']['PEFT LoRA']:.3f} | {x['beam_over_lora']:.3f} | "
                      f"{x['lora_over_peft']:.3f} |")
     return "\n".join(lines)
@@ -240,12 +241,14 @@ def bench_operate(cfg):
         print(f"repeat {rep}: snapshot {t1 - t:.3f} s, prune/expand {t2 - t1:.3f} s ({pruned} ranks)", flush=True)
     return {"layers": cfg["layers"], "modules": len(mods), "r": cfg["r_7b"], "adapter_params": n_params,
             "snapshot_s": statistics.median(snap_s), "operate_s": statistics.median(op_s), "p": event["p"],
-            "ranks_pruned": pruned, "ranks_total": cfg["r_7b"] * len(mods), "snapshot_all_s": snap_s, "operate_all_s": op_s}
+            "ranks_pruned": pruned, "ranks_total": cfg["r_7b"] * len(mods), "snapshot_all_s": snap_s,
+            "operate_all_s": op_s}
 
 
 def operate_table(x):
     return ("| adapters | params | snapshot s | prune/expand s | ranks re-initialised |\n|---|---|---|---|---|\n"
-            f"| {x['layers']} layers x 7 modules, r={x['r']} | {x['adapter_params'] / 1e6:.1f}M | {x['snapshot_s']:.3f} | "
+            f"| {x['layers']} layers x 7 modules, r={x['r']} | {x['adapter_params'] / 1e6:.1f}M | "
+            f"{x['snapshot_s']:.3f} | "
             f"{x['operate_s']:.3f} | {x['ranks_pruned']} of {x['ranks_total']} (p={x['p']:.4f}) |")
 
 
@@ -272,8 +275,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:  # a bad option: one line, as the other scripts
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main, errors=(ConfigError,))

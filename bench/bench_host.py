@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import beamlora  # noqa: E402
 import dataset  # noqa: E402
 import train  # noqa: E402
-from configurator import ConfigError, parse_args  # noqa: E402
+from configurator import cli, parse_args  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 DEFAULTS = dict(
@@ -57,7 +57,8 @@ def tokenizer(work):
 def data_file(work, n):
     path = os.path.join(work, f"data_{n}.jsonl")
     if not os.path.isfile(path):
-        row = json.dumps({"query": "Tom has 3 apples and buys 4 more. How many now?", "response": "3+4=7. The answer is: 7"})
+        row = json.dumps({"query": "Tom has 3 apples and buys 4 more. How many now?",
+                          "response": "3+4=7. The answer is: 7"})
         with open(path + ".tmp", "w") as f:
             f.write((row + "\n") * n)
         os.replace(path + ".tmp", path)
@@ -150,8 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

@@ -42,7 +42,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import ConfigError, parse_args  # noqa: E402
+from configurator import ConfigError, cli, parse_args  # noqa: E402
 
 VARIANTS = {  # name -> train.py settings (the paper's ablations, docs/BEAMLORA.md section 5; ReLoRA's reset)
     "beamlora_no_expand": dict(method="beamlora", no_expand=True),  # Table 3 "w/o expansion"
@@ -57,7 +57,8 @@ METHOD_OPTIONS = {  # method -> train.py settings it needs here; one line per me
 }
 BEAM_VARIANTS = [v for v in VARIANTS if v.startswith("beamlora_")]
 ABLATIONS = "lora,beamlora," + ",".join(BEAM_VARIANTS)
-TABLE = "lora,full,dora,pissa,milora,adalora,relora,relora_independent,increlora,lrlora," + ",".join(["beamlora"] + BEAM_VARIANTS)
+TABLE = ("lora,full,dora,pissa,milora,adalora,relora,relora_independent,increlora,lrlora,"
+         + ",".join(["beamlora"] + BEAM_VARIANTS))
 QUICK = dict(methods="lora,beamlora", seeds=2, steps=100, eval_limit=200)  # --quick: only what is not given
 DEFAULTS = dict(
     out_dir="out/compare",
@@ -344,7 +345,8 @@ def main(argv):
                     row = json.loads(line)
                     done[row["key"]] = row
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(f"{results_path}:{n}: not a result line (move the file away to start over)") from None
+                    raise ConfigError(f"{results_path}:{n}: not a result line "
+                                      "(move the file away to start over)") from None
     # what makes a run: its settings, the code, torch, and the bytes of the base and data
     identity = {"code": code_hash(), "torch": torch.__version__, "base": sha256_tree(base),
                 "data": sha256_tree(data), "test": sha256_tree(test)}
@@ -378,7 +380,8 @@ def main(argv):
         from tokenizer import Tokenizer
         tok = Tokenizer(base)
         for path in (data, test):  # tokenized once, here: the runs read the cache rather than all write it at once
-            dataset.tokenize_file(path, tok, {"data_format": "metamathqa", "max_len": MAX_LEN, "out_dir": cfg["out_dir"]})
+            dataset.tokenize_file(path, tok,
+                                  {"data_format": "metamathqa", "max_len": MAX_LEN, "out_dir": cfg["out_dir"]})
     while todo or running:
         while todo and len(running) < cfg["jobs"]:
             spec, run_dir, key = todo.pop(0)
@@ -397,7 +400,8 @@ def main(argv):
             row = {"label": spec["label"], "r": spec["r"], "seed": spec["seed"], **res, "commit": commit, "key": key,
                    "method": spec["train"]["method"], "steps": steps}
             print(f"  {spec['label']}, r={spec['r']}, seed {spec['seed']}: accuracy {100 * row['accuracy']:.1f}%, "
-                  f"held-out loss {row['val_loss']:.4f}, {row['operations']} operations, {row['total_s']:.0f}s", flush=True)
+                  f"held-out loss {row['val_loss']:.4f}, {row['operations']} operations, {row['total_s']:.0f}s",
+                  flush=True)
             with open(results_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             rows.append(row)
@@ -434,8 +438,4 @@ def knows(train, label):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main, errors=(ValueError, OSError, RuntimeError))

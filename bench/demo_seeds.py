@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from compare import git_commit  # noqa: E402
-from configurator import ConfigError, parse_args  # noqa: E402
+from configurator import ConfigError, cli, parse_args  # noqa: E402
 
 DEFAULTS = dict(out_dir="out/demo_seeds", pythons=sys.executable, seeds="0,1,2,3,4", jobs=1, threads=0, demo_args="")
 
@@ -41,7 +41,8 @@ def main(argv):
         except (OSError, subprocess.CalledProcessError) as e:
             raise ConfigError(f"--pythons: {py}: cannot import torch ({e})") from None
     # the data once, before runs that would all build it at the same time
-    subprocess.run([pythons[0], "-c", "import demo, sys; demo.prepare_data(demo.parse_args(sys.argv[1:], demo.DEFAULTS))"]
+    subprocess.run([pythons[0], "-c",
+                    "import demo, sys; demo.prepare_data(demo.parse_args(sys.argv[1:], demo.DEFAULTS))"]
                    + extra, cwd=ROOT, check=True)
     todo = [(py, s) for py in pythons for s in seeds]
     running, results = [], []
@@ -99,8 +100,4 @@ def table(results, out_dir):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main, errors=(ValueError, OSError, RuntimeError, subprocess.CalledProcessError))

@@ -21,7 +21,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import parse_args  # noqa: E402
+from configurator import cli, parse_args  # noqa: E402
 
 DEFAULTS = dict(runs="out/compare/lora_r8_s0,out/compare/beamlora_r8_s0", out_dir="out/figures",
                 fractions="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", eval_limit=100, max_new_tokens=96)
@@ -124,13 +124,15 @@ def main(argv):
         imp = final_importance(run, importance_key(run))
         curves[labels[run]] = []
         for frac in fractions:
-            ad = pruned_adapter(run, imp, frac, os.path.join(cfg["out_dir"], "pruned", os.path.basename(run), f"{frac:.2f}"))
+            ad = pruned_adapter(run, imp, frac,
+                                os.path.join(cfg["out_dir"], "pruned", os.path.basename(run), f"{frac:.2f}"))
             common = [f"--model={base}", f"--adapter={ad}", f"--data={test}", "--device=cpu", f"--out={ad}/eval"]
             acc = eval_lib.main(common + ["--task=gsm8k", f"--limit={cfg['eval_limit']}", "--batch_size=50",
                                           f"--max_new_tokens={cfg['max_new_tokens']}"])
             ppl = eval_lib.main(common + ["--task=ppl", "--batch_size=50"])
             curves[labels[run]].append({"fraction": frac, "accuracy": acc["accuracy"], "loss": ppl["loss"]})
-            print(f"{labels[run]}: {100 * frac:.0f}% pruned: accuracy {100 * acc['accuracy']:.1f}%, loss {ppl['loss']:.4f}")
+            print(f"{labels[run]}: {100 * frac:.0f}% pruned: accuracy {100 * acc['accuracy']:.1f}%, "
+                  f"loss {ppl['loss']:.4f}")
     with open(os.path.join(cfg["out_dir"], "pruning.json"), "w") as f:
         json.dump(curves, f, indent=1)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -150,8 +152,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

@@ -6,8 +6,9 @@ against MLP (gate, up, down), and over training, for the demo model or any run o
     python bench/lrlora_ranks.py --r=16 --seed=2       # another budget or fine-tuning seed (the same base)
     python bench/lrlora_ranks.py --run=out/my_lrlora   # draw a run of your own (trained with --score_log_interval=N)
 
-The fine-tune is bench/compare.py's lrlora run (its data and base, demo.py's lr and batch, alpha = 2r; --steps, 500) with --method=lrlora and the rank masks
-logged every score_log_interval steps (scores.jsonl: a module's rank is its number of mask values > 0.5).
+The fine-tune is bench/compare.py's lrlora run (its data and base, demo.py's lr and batch, alpha = 2r; --steps, 500)
+with --method=lrlora and the rank masks logged every score_log_interval steps (scores.jsonl: a module's rank is its
+number of mask values > 0.5).
 Writes out_dir/lrlora_ranks.png and a copy of the run's ranks.json.
 """
 import json
@@ -17,12 +18,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import ConfigError, parse_args  # noqa: E402
+from configurator import ConfigError, cli, parse_args  # noqa: E402
 from lrlora import ATTN  # noqa: E402
 
 ORDER = ATTN + ("gate_proj", "up_proj", "down_proj")
-DEFAULTS = dict(run="", out_dir="bench/results", work_dir="out/lrlora_ranks", r=8, seed=0, steps=500,  # seed: the fine-tune's
-                score_log_interval=10)  # steps: the figure's (the demo fine-tunes for 1000)
+DEFAULTS = dict(run="", out_dir="bench/results", work_dir="out/lrlora_ranks", r=8, seed=0,  # seed: the fine-tune's
+                steps=500, score_log_interval=10)  # steps: the figure's (the demo fine-tunes for 1000)
 
 
 def demo_run(cfg):
@@ -49,7 +50,8 @@ def read_run(run):
     paths = {k: os.path.join(run, k) for k in ("ranks.json", "scores.jsonl", "ckpt.pt")}
     for k in ("ranks.json", "scores.jsonl"):
         if not os.path.isfile(paths[k]):
-            raise ConfigError(f"{paths[k]}: not found (a run of train.py --method=lrlora --score_log_interval=N writes it)")
+            raise ConfigError(f"{paths[k]}: not found "
+                              "(a run of train.py --method=lrlora --score_log_interval=N writes it)")
     with open(paths["ranks.json"]) as f:
         final = json.load(f)
     history = []
@@ -135,14 +137,11 @@ def main(argv):
     shutil.copy(os.path.join(run, "ranks.json"), os.path.join(cfg["out_dir"], "lrlora_ranks.json"))
     attn = [v for n, v in k.items() if split(n)[1] in ATTN]
     mlp = [v for n, v in k.items() if split(n)[1] not in ATTN]
-    print(f"wrote {path}: mean rank attention {sum(attn) / max(1, len(attn)):.2f}, MLP {sum(mlp) / max(1, len(mlp)):.2f}, "
+    print(f"wrote {path}: mean rank attention {sum(attn) / max(1, len(attn)):.2f}, "
+          f"MLP {sum(mlp) / max(1, len(mlp)):.2f}, "
           f"min {min(k.values())}, max {max(k.values())}")
     return final
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

@@ -22,6 +22,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import cli  # noqa: E402  (standard library only, as this script)
 
 ANNOTATION = re.compile(r"<<([^<>=]+)=(-?\d+(?:\.\d+)?)>>")
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -35,7 +36,9 @@ def value(expr):
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in OPS:
             a, b = walk(node.left), walk(node.right)
-            return None if a is None or b is None or (b == 0 and isinstance(node.op, ast.Div)) else OPS[type(node.op)](a, b)
+            if a is None or b is None or (b == 0 and isinstance(node.op, ast.Div)):
+                return None
+            return OPS[type(node.op)](a, b)
         return None
     try:
         return walk(ast.parse(expr.strip(), mode="eval").body)
@@ -91,8 +94,4 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

@@ -33,7 +33,7 @@ import time
 import sentencepiece as spm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # configurator.py
-from configurator import ConfigError, parse_args  # noqa: E402
+from configurator import ConfigError, cli, parse_args  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by --key=value (see configurator.py); demo.py passes its own
@@ -46,7 +46,8 @@ vocab_size = 768  # sentencepiece pieces (BPE may stop short of it)
 # the response's form: "Let's think step by step." after the question, "The answer is: N" after the steps. The demo's
 # fine-tune teaches it (0); bench/compare.py's base has seen it (0.3), so its output rows are trained in pretraining
 answer_form = 0.0  # the share of the worked problems written in the response's form
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # -----------------------------------------------------------------------------
 
 NAMES = {"Tom": "he", "Ben": "he", "Sam": "he", "Max": "he", "Anna": "she", "Lily": "she", "Mia": "she", "Emma": "she"}
@@ -227,8 +228,9 @@ def prepare(out_dir=out_dir, seed=seed, n_train=n_train, n_test=n_test, n_pretra
     return out_dir
 
 
+def main(argv):
+    return prepare(**parse_args(argv, DEFAULTS, __file__))
+
+
 if __name__ == "__main__":
-    try:
-        prepare(**parse_args(sys.argv[1:], DEFAULTS, __file__))
-    except (ConfigError, OSError) as e:
-        sys.exit(f"error: {e}")
+    cli(main, errors=(ConfigError, OSError))

