@@ -11,10 +11,8 @@ peak RSS (VmHWM, reset after the inputs are built), on CUDA torch.cuda.max_memor
 is frozen (a LoRA run) unless --train_head. Both sides get the same inputs and must agree on the loss
 and the hidden states' gradient before anything is timed.
 """
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -23,8 +21,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import beamlora  # noqa: E402
-from configurator import ConfigError, parse_args  # noqa: E402
+from configurator import ConfigError, cli, parse_args  # noqa: E402
+from measure import print_result, run_child  # noqa: E402
 
 DEFAULTS = dict(
     vocab=128256,  # Llama-3's vocabulary
@@ -95,8 +95,8 @@ def run_side(cfg):
         times.append(time.perf_counter() - t)
         if i == 0:
             mem = peak(dev) - base
-    print("RESULT " + json.dumps({"side": cfg["side"], "peak_bytes": mem, "s": statistics.median(times[1:]),
-                                  "loss": loss.item(), "grad_h": h.grad.float().norm().item()}))
+    print_result({"side": cfg["side"], "peak_bytes": mem, "s": statistics.median(times[1:]), "loss": loss.item(),
+                  "grad_h": h.grad.float().norm().item()})
 
 
 def main(argv):
@@ -106,11 +106,7 @@ def main(argv):
     res = {}
     for side in ("full logits", "lm_loss"):
         args = [f"--{k}={v}" for k, v in cfg.items() if k != "side"] + [f"--side={side}"]
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            raise RuntimeError(f"{side}: {proc.stderr[-3000:]}")
-        res[side] = json.loads(line[-1][7:])
+        res[side] = run_child(__file__, args, side)
     a, b = res["full logits"], res["lm_loss"]
     assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(a["loss"]), (a["loss"], b["loss"])
     assert abs(a["grad_h"] - b["grad_h"]) <= 1e-2 * abs(a["grad_h"]), (a["grad_h"], b["grad_h"])
@@ -127,8 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main, errors=(ConfigError,))

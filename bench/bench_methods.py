@@ -23,10 +23,8 @@ for every method (--r), except where a method's options say otherwise.
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +34,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import beamlora  # noqa: E402
 import train  # noqa: E402
-from bench_train import SHAPES, make_batch, peak_rss, write_checkpoint  # noqa: E402
-from configurator import ConfigError, parse_args  # noqa: E402
+from bench_train import SHAPES, make_batch, write_checkpoint  # noqa: E402
+from configurator import ConfigError, cli, parse_args  # noqa: E402
+from measure import peak_rss, print_result, reset_peak_rss, run_child_spec, timed  # noqa: E402
 
 DEFAULTS = dict(
     methods="lora,beamlora,dora,pissa,milora,beamlora+dora",  # train.py --method names (+ a bool flag such as
@@ -71,7 +70,8 @@ def method_options(name):
     (typed as train.py's defaults); plus the method's METHOD_OPTIONS."""
     method, *flags = name.split("+")
     given = parse_args([f"--{f}" for f in flags], train.DEFAULTS)  # a bare flag is True, as on train.py's command line
-    return dict(METHOD_OPTIONS.get(method, {}), method=method, **{k: given[k] for k in (f.partition("=")[0] for f in flags)})
+    return dict(METHOD_OPTIONS.get(method, {}), method=method,
+                **{k: given[k] for k in (f.partition("=")[0] for f in flags)})
 
 
 class Run:
@@ -124,13 +124,6 @@ class Run:
         return loss.item() / n_tgt
 
 
-def timed(run, steps, batch):
-    t = time.perf_counter()
-    for _ in range(steps):
-        run.step(*batch)
-    return (time.perf_counter() - t) / steps
-
-
 def bench_shape(name, cfg, path):
     shape, methods = SHAPES[name], cfg["methods"].split(",")
     spec = dict(r=cfg["r"], alpha=cfg["alpha"], lr=cfg["lr"], targets=cfg["targets"])
@@ -152,8 +145,9 @@ def bench_shape(name, cfg, path):
            "n_train": {r.method: sum(p.numel() for p in r.params) for r in runs}, "samples": samples}
     del runs
     if cfg["memory"]:
-        row["peak_rss"] = {m: run_child(dict(spec, method=m, path=path, shape=name, steps=cfg["mem_steps"],
-                                             threads=cfg["threads"]))["peak_mem"] for m in methods}
+        children = {m: dict(spec, method=m, path=path, shape=name, steps=cfg["mem_steps"], threads=cfg["threads"])
+                    for m in methods}
+        row["peak_rss"] = {m: run_child_spec(__file__, c, m)["peak_mem"] for m, c in children.items()}
         row["mem_over_ref"] = {m: v / row["peak_rss"][methods[0]] for m, v in row["peak_rss"].items()}
     print(f"{name}: " + ", ".join(f"{m} {1e3 * row['step_s'][m]:.1f} ms ({row['over_ref'][m]:.3f}x)" for m in methods),
           flush=True)
@@ -167,29 +161,11 @@ def child(spec):
         import transformers  # noqa: F401
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    try:  # restart the high-water mark here: the imports' transient peak can exceed a small model's footprint
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    reset_peak_rss()  # the imports' transient peak can exceed a small model's footprint
     base = peak_rss()
     run = Run(spec["method"], spec, spec["path"])
     timed(run, spec["steps"], make_batch(SHAPES[spec["shape"]], "cpu"))
-    print("RESULT " + json.dumps({"method": spec["method"], "peak_mem": peak_rss() - base}))
-
-
-def run_child(spec):
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={f.name}"],
-                              capture_output=True, text=True, cwd=ROOT)
-    finally:
-        os.remove(f.name)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{spec['method']}: child failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    print_result({"method": spec["method"], "peak_mem": peak_rss() - base})
 
 
 def table(rows, methods):
@@ -238,8 +214,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main, errors=(ValueError,))  # ConfigError is a ValueError

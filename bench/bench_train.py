@@ -34,10 +34,8 @@ PEFT computes the logits and F.cross_entropy, as the Trainer does.
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
@@ -45,8 +43,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import beamlora  # noqa: E402
-from configurator import ConfigError, parse_args  # noqa: E402
+from configurator import ConfigError, cli, parse_args  # noqa: E402
+from measure import peak_rss, print_result, reset_peak_rss, run_child_spec, timed  # noqa: E402
 
 DEFAULTS = dict(
     shapes="small,big",  # CPU shapes (SHAPES below)
@@ -155,7 +155,8 @@ class Run:
         self.model = m
         self.params = [p for p in m.parameters() if p.requires_grad]
         self.n_train = sum(p.numel() for p in self.params)
-        self.n_frozen = sum(p.numel() for n, p in m.named_parameters() if not p.requires_grad and "embed_tokens" not in n)
+        self.n_frozen = sum(p.numel() for n, p in m.named_parameters()
+                            if not p.requires_grad and "embed_tokens" not in n)
         cuda = self.device.startswith("cuda")
         self.opt = train.make_optimizer(self.params, self.cfg, fused=cuda)
         self.ctx = torch.autocast("cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32)
@@ -213,17 +214,6 @@ def same_adapters(runs):
                 B.copy_(src[n][1])
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def peak_rss():
-    """This process's peak RSS in bytes (train.py's reading: VmHWM, not the ru_maxrss a child inherits)."""
-    import train
-    return train.peak_rss_gib() * 2**30
-
-
 def peak_mem(device, base):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
@@ -231,16 +221,7 @@ def peak_mem(device, base):
 
 
 # ----------------------------------------------------------------------------------------------
-# CPU: the configurations side by side in one process
-
-def timed(run, steps, batch):
-    sync(run.device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        run.step(*batch)
-    sync(run.device)
-    return (time.perf_counter() - t) / steps
-
+# CPU: the configurations side by side in one process (timed: measure.py)
 
 def bench_shape(name, cfg, path):
     shape = SHAPES[name]
@@ -293,8 +274,8 @@ def bench_shape(name, cfg, path):
     if cfg["memory"]:
         row["peak_rss"] = {}
         for c in CONFIGS:
-            res = run_child(dict(spec, which=c, path=path, shape=shape, steps=cfg["mem_steps"], warmup=0, dt=2,
-                                 threads=cfg["threads"]))
+            res = run_child_spec(__file__, dict(spec, which=c, path=path, shape=shape, steps=cfg["mem_steps"],
+                                                warmup=0, dt=2, threads=cfg["threads"]), c)
             row["peak_rss"][c] = res["peak_mem"]
         row["mem_ours_over_hf"] = row["peak_rss"]["ours LoRA"] / row["peak_rss"]["HF+PEFT LoRA"]
     return row
@@ -337,7 +318,8 @@ def profile(run, steps, batch):
 
 def profile_table(prof):
     names = list(prof)
-    kinds = sorted({k for p in prof.values() for k in p["kinds_ms"]}, key=lambda k: -prof[names[0]]["kinds_ms"].get(k, 0))
+    kinds = sorted({k for p in prof.values() for k in p["kinds_ms"]},
+                   key=lambda k: -prof[names[0]]["kinds_ms"].get(k, 0))
     lines = [f"| self time per step, ms (share) | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
     for k in kinds + ["all aten ops"]:
         cells = []
@@ -360,7 +342,8 @@ def cpu_table(rows):
             mem = (f"{p['ours LoRA'] / 2**20:.0f} / {p['HF+PEFT LoRA'] / 2**20:.0f} = {x['mem_ours_over_hf']:.2f} "
                    f"(BeamLoRA {p['ours BeamLoRA'] / 2**20:.0f})")
         lines.append(f"| {x['shape']}: hidden {x['hidden_size']}, {x['num_hidden_layers']} layers, vocab "
-                     f"{x['vocab_size']}, r={x['r']} | {x['batch']} x {x['seq']} | {1e3 * x['step_s']['ours LoRA']:.1f} | "
+                     f"{x['vocab_size']}, r={x['r']} | {x['batch']} x {x['seq']} | "
+                     f"{1e3 * x['step_s']['ours LoRA']:.1f} | "
                      f"{1e3 * x['step_s']['HF+PEFT LoRA']:.1f} | {x['ours_over_hf']:.3f} | {x['beam_over_lora']:.3f} "
                      f"({x['beam_ops_per_block']:.0f} op / {x['beam_block_steps']} steps) | {mem} |")
     return "\n".join(lines)
@@ -378,11 +361,7 @@ def child(spec):
         torch.set_num_threads(spec["threads"])
     if spec["device"].startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py
-    try:  # restart the high-water mark here: the imports' transient peak can exceed a small model's footprint
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    reset_peak_rss()  # the imports' transient peak can exceed a small model's footprint
     base = peak_rss()
     run = Run(spec["which"], spec, spec["path"])
     if spec["device"].startswith("cuda"):
@@ -397,25 +376,11 @@ def child(spec):
     m = spec["model"]  # attention's matmuls (q k^T, then by v), forward + backward, causal mask not discounted:
     attn = 12 * m["num_hidden_layers"] * m["hidden_size"] * spec["shape"]["seq"]  # nanoGPT's / PaLM's 12 L d T
     flops = 6 * run.n_train + 4 * run.n_frozen + attn  # frozen: forward + input grads; trained: + weight grads
-    print("RESULT " + json.dumps({
+    print_result({
         "which": spec["which"], "peak_mem": peak_mem(spec["device"], base), "step_s": step_s, "tok_s": tok_s,
         "mfu": tok_s * flops / peak if peak else None, "peak_flops": peak, "flops_per_token": flops,
         "attn_flops_per_token": attn,
-        "n_train": run.n_train, "n_frozen": run.n_frozen, "ops": run.ops - ops0, "warmup_losses": losses}))
-
-
-def run_child(spec):
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={f.name}"],
-                              capture_output=True, text=True, cwd=ROOT)
-    finally:
-        os.remove(f.name)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{spec['which']}: child failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+        "n_train": run.n_train, "n_frozen": run.n_frozen, "ops": run.ops - ops0, "warmup_losses": losses})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,7 +402,7 @@ def gpu_recipe(cfg, out_json):
     res, out = {}, {"shape": shape, "r": r, "steps": steps, "results": {}, "errors": {}}
     for c in configs:  # one failing configuration is recorded, the others still run
         try:
-            res[c] = run_child(dict(spec, which=c))
+            res[c] = run_child_spec(__file__, dict(spec, which=c), c)
         except RuntimeError as e:
             out["errors"][c] = str(e)[-3000:]
             print(f"{c}: failed\n{e}", flush=True)
@@ -447,9 +412,11 @@ def gpu_recipe(cfg, out_json):
               f"{x['ops']} operation(s) in {steps} steps", flush=True)
         beamlora.atomic_json({"partial": True, "gpu_recipe": out}, out_json)  # what is done survives a kill
     m = shape["model"]
-    md = (f"{'tiny' if cfg['tiny'] else 'Llama-2-7B'} shape (hidden {m['hidden_size']}, {m['num_hidden_layers']} layers), "
+    md = (f"{'tiny' if cfg['tiny'] else 'Llama-2-7B'} shape (hidden {m['hidden_size']}, "
+          f"{m['num_hidden_layers']} layers), "
           f"random weights, r={r} on {cfg['targets']}, bf16 base + autocast, seq {shape['seq']} x micro batch "
-          f"{shape['batch']}, activation checkpointing, {cfg['device']}; {steps} timed steps after {cfg['gpu_warmup']}; "
+          f"{shape['batch']}, activation checkpointing, {cfg['device']}; {steps} timed steps after "
+          f"{cfg['gpu_warmup']}; "
           "MFU counts 6 N_trained + 4 N_frozen + 12 L d T per token, against the GPU's peak:\n\n"
           "| configuration | tokens/s | MFU | peak memory GiB |\n|---|---|---|---|\n"
           + "\n".join(f"| {c} | {x['tok_s']:,.0f} | {pct(x['mfu'])} | {x['peak_mem'] / 2**30:.2f} |"
@@ -475,7 +442,8 @@ def main(argv):
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     cfg["device"] = cfg["device"] or ("cuda" if cfg["gpu_recipe"] else "cpu")
-    out_json = cfg["out_json"] or os.path.join("out", "bench", "bench_train_gpu.json" if cfg["gpu_recipe"] else "bench_train.json")
+    out_json = cfg["out_json"] or os.path.join("out", "bench",
+                                               "bench_train_gpu.json" if cfg["gpu_recipe"] else "bench_train.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     import transformers
     transformers.logging.set_verbosity_error()
@@ -507,8 +475,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:  # a bad option: one line, as the other scripts
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main, errors=(ConfigError,))
