@@ -51,7 +51,9 @@ def reachable(path):  # can a user with no rights of its own list `path`?
     return bool(all(os.stat("/".join(parts[:i]) or "/").st_mode & 0o001 for i in range(1, len(parts) + 1))
                 and os.stat(path).st_mode & 0o004)
 '''
-exec(REACHABLE)
+_scope = {"os": os}
+exec(REACHABLE, _scope)  # the harness's own copy, for setup() here
+reachable = _scope["reachable"]
 
 HARNESS = r'''
 import os, sys, traceback

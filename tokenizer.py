@@ -75,8 +75,8 @@ class Tokenizer:
                 header = json.loads(line)
                 pattern, specials, n_words = header["pattern"], header["special_tokens"], header["n_vocab"]
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path}:1: not a tokenizer header (one JSON line with pattern, special_tokens and "
-                                 f"n_vocab; an HF tokenizer.json is not read) ({type(e).__name__}: {e})") from None
+                raise ValueError(f"{self.path}:1: not a tokenizer header (one JSON line with pattern, special_tokens "
+                                 f"and n_vocab; an HF tokenizer.json is not read) ({type(e).__name__}: {e})") from None
             first = 2
         ranks, n_lines = {}, 0
         for n, line in enumerate(data.splitlines(), first):

@@ -15,7 +15,8 @@ import sys
 import urllib.error
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configurator.py, standard library only
+# configurator.py, standard library only
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import ConfigError, parse_args  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -24,7 +25,8 @@ only = ""  # make only this one of the script's outputs (its docstring lists the
 src = ""  # convert this local file instead of downloading (offline use; with several outputs, needs --only)
 url = ""  # download from this URL instead, e.g. a mirror (sha256 still checked)
 out = ""  # output folder; "": next to the script
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # -----------------------------------------------------------------------------
 
 

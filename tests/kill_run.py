@@ -70,5 +70,6 @@ def save_safetensors(tensors, path, metadata=None):
 
 
 real_save_safetensors = beamlora.save_safetensors
-train.append_jsonl, torch.save, train.atomic_save, beamlora.save_safetensors = append_jsonl, save, atomic_save, save_safetensors
+train.append_jsonl, torch.save, train.atomic_save = append_jsonl, save, atomic_save
+beamlora.save_safetensors = save_safetensors
 train.main(argv)

@@ -19,4 +19,4 @@ def test_bench_methods_tiny(tmp_path):
     assert all(t > 0 for t in row["step_s"].values())
     assert row["events_per_block"]["beamlora"] == row["events_per_block"]["beamlora+dora"] == 1  # dt = 4: one
     # prune/expand per block of 4 steps
-    assert os.path.isfile(tmp_path / "b.json") and f"| beamlora |" in res["markdown"]
+    assert os.path.isfile(tmp_path / "b.json") and "| beamlora |" in res["markdown"]

@@ -100,7 +100,8 @@ def test_math_answer_is_last_boxed():
 
 def test_humaneval():
     raw = [{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n",
-            "canonical_solution": "    return a + b\n", "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n",
+            "canonical_solution": "    return a + b\n",
+            "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n",
             "entry_point": "add"}]
     assert load("humaneval").convert(raw) == raw
 

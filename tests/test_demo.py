@@ -145,14 +145,15 @@ def test_compare_quick_and_figures(demo_run, tmp_path):
     for key in ("accuracy", "val_loss"):  # the intervals against a hand computation with the table's t
         for m in ("lora", "beamlora"):
             mean, hw = hand_interval([by[m, s][key] for s in (0, 1)])
-            assert st[m][key] == pytest.approx(mean, abs=1e-12) and st[m][key + "_hw"] == pytest.approx(hw, rel=1e-4, abs=1e-9)
+            assert st[m][key] == pytest.approx(mean, abs=1e-12)
+            assert st[m][key + "_hw"] == pytest.approx(hw, rel=1e-4, abs=1e-9)
         d, hw = hand_interval([by["beamlora", s][key] - by["lora", s][key] for s in (0, 1)])
         assert st["beamlora"]["d_" + key] == pytest.approx(d, abs=1e-12)
         assert st["beamlora"]["d_" + key + "_hw"] == pytest.approx(hw, rel=1e-4, abs=1e-9)
     assert st["lora"]["val_loss_hw"] > 0 and "d_val_loss" not in st["lora"]
     md = open(out / "table.md").read()
     d, hw = st["beamlora"]["d_val_loss"], st["beamlora"]["d_val_loss_hw"]
-    assert f"| beamlora | 2 |" in md and f"{d:+.4f} [{d - hw:+.4f}, {d + hw:+.4f}]" in md
+    assert "| beamlora | 2 |" in md and f"{d:+.4f} [{d - hw:+.4f}, {d + hw:+.4f}]" in md
     assert "Δ accuracy vs lora" in md and torch.__version__ in md
     assert json.load(open(out / "summary.json"))["ranks"]["4"]["beamlora"]["d_val_loss"] == d
     # a rerun reuses every finished run; another setting is another run
@@ -185,7 +186,8 @@ def test_compare_bad_methods(tmp_path, capsys):
 def test_demo_seeds_table(tmp_path):
     # the seeds-by-torch table from results gathered over several invocations: hand-computed mean, range, distance
     import demo_seeds
-    results = [{"torch": "2.13.0+cpu", "seed": 0, "accuracy": 0.96}, {"torch": "2.13.0+cpu", "seed": 1, "accuracy": 0.90},
+    results = [{"torch": "2.13.0+cpu", "seed": 0, "accuracy": 0.96},
+               {"torch": "2.13.0+cpu", "seed": 1, "accuracy": 0.90},
                {"torch": "2.14.1", "seed": 0, "accuracy": 0.99}]
     md = demo_seeds.table(results, str(tmp_path))
     assert "| 2.13.0+cpu | 96.0% | 90.0% |" in md and "| 2.14.1 | 99.0% | - |" in md
@@ -232,7 +234,8 @@ def test_base_probe(demo_run, tmp_path, capsys):
 
 def test_misses(tmp_path, capsys):
     import misses
-    q = "Below is an instruction.\n\n### Instruction:\nAnna has 9 boxes with 2 eggs in each box. She gives 32 eggs away."
+    q = ("Below is an instruction.\n\n### Instruction:\n"
+         "Anna has 9 boxes with 2 eggs in each box. She gives 32 eggs away.")
     rows = [  # (output, correct) -> the kind a hand reading gives
         ("9*2=<<9*2=18>>18 eggs.\n18-32 ...", True),  # right: not a miss, whatever it says
         ("9*2=<<9*2=18>>18 eggs.\n18+18=<<18+18=36>>36.\n36-30=<<36-30=6>>6", False),  # 30: in neither -> copy
@@ -241,7 +244,8 @@ def test_misses(tmp_path, capsys):
         ("9*2=<<9*2=18>>18.\n18+18=<<18+18=36>>36.\n36/4=<<36/4=9>>9", False),  # 4: not in the prompt -> copy
         ("9*2=<<9*2=18>>18 eggs.\nThe answer is: 18", False),  # every step sound: a wrong plan -> other
         ("9*2=<<9*2=18>>18 eggs.\n18+32=<<18+32=50>>50 eggs.\nThe answer isThe 50", False),  # no answer read -> format
-        ("9*2=<<9*2=18>>18 eggs.\n18+32=<<18+32=50>>50 eggs.\nThe answer is: 51", False),  # not the last result -> answer
+        # not the last result -> answer
+        ("9*2=<<9*2=18>>18 eggs.\n18+32=<<18+32=50>>50 eggs.\nThe answer is: 51", False),
         ("9*2=<<9**2=81>>81", False),  # not + - * /: not checkable -> arithmetic (the step is not sound)
     ]
     path = tmp_path / "gsm8k_samples.jsonl"

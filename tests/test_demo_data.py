@@ -103,7 +103,8 @@ def test_answer_form(built, tmp_path):
         assert all(ANNOTATION.search(step) for step in lines[i + 1:j]) and 2 <= j - i - 1 <= 3, lines[i:j + 1]
         assert lines[j] == f"The answer is: {ANNOTATION.findall(lines[j - 1])[-1][1]}"
     assert sum(line.startswith("The answer is: ") for line in lines) == len(formed)
-    assert read(out, "train.jsonl") == read(built, "train.jsonl") and read(out, "test.jsonl") == read(built, "test.jsonl")
+    assert read(out, "train.jsonl") == read(built, "train.jsonl")
+    assert read(out, "test.jsonl") == read(built, "test.jsonl")
     assert json.loads(read(out, "meta.json"))["answer_form"] == 0.3
     with pytest.raises(prepare.ConfigError, match="answer_form=1.5"):
         prepare.prepare(str(tmp_path / "bad"), seed=3, answer_form=1.5, **SMALL)

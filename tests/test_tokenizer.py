@@ -181,7 +181,8 @@ def test_bpe_with_header(tmp_path):
               "n_vocab": 259, "bos_id": None, "eos_id": 2, "pad_id": 0, "stop_ids": [0, 2], "chat_format": "chatml",
               "default_system": "Be brief."}
     path = tmp_path / "tokenizer.model"
-    path.write_bytes(json.dumps(header).encode() + b"\n" + b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
+    path.write_bytes(json.dumps(header).encode() + b"\n"
+                     + b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
     tok = Tokenizer(str(tmp_path))
     assert (tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (259, None, 2, 0, {0, 2})
     assert tok.encode("ab a\x04b", bos=True) == [258, ranks[b" "], ranks[b"a"], ranks[b"b"]]  # no bos; byte 4 dropped

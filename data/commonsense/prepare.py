@@ -28,7 +28,8 @@ SHA256 = {
     "openbookqa": "3edf2c3acf92cbef8c196b731af433c25f2b253d6f45644d0ffc149d5bcac1bf",
 }
 FILES = {
-    f"{task}/test.jsonl": (f"https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/{COMMIT}/dataset/{task}/test.json", sha)
+    f"{task}/test.jsonl": (
+        f"https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/{COMMIT}/dataset/{task}/test.json", sha)
     for task, sha in SHA256.items()
 }
 
