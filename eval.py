@@ -423,14 +423,15 @@ def cut(text, stops):  # up to the first stop string, as vLLM's stop= (and LLM-A
 
 def generate_all(model, tok, prompts, max_new_tokens, batch_size, stops, num_beams=1, decode="cache"):
     """Greedy (or beam search) outputs, decoded and cut at the first stop string, in the order of `prompts`.
-    decode: model.generate's way (cache, static, compiled); beam search always runs the cache way."""
+    decode: generate.generate's way (cache, static, compiled); beam search always runs the cache way."""
+    from generate import generate  # here: importing eval.py loads no torch
     ids = [tok.encode(p, bos=True) for p in prompts]
     # longest first: similar lengths share a batch (little padding) and running out of memory shows at once
     order, outputs, t0 = sorted(range(len(ids)), key=lambda i: -len(ids[i])), [None] * len(ids), time.time()
     for b in range(0, len(order), batch_size):
         batch = order[b:b + batch_size]
-        new = model.generate([ids[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids,
-                             num_beams=num_beams, decode=decode)
+        new = generate(model, [ids[i] for i in batch], max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids,
+                       num_beams=num_beams, decode=decode)
         for i, toks in zip(batch, new):
             outputs[i] = cut(tok.decode(toks), stops)
         progress(min(b + batch_size, len(order)), len(order), t0, "generating")
@@ -601,8 +602,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (EvalError, OSError) as e:  # OSError: writing the results (a full disk, no permission)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UsageError) else 1)
+    from configurator import cli
+    # bad options exit 2, bad input 1; OSError: writing the results (a full disk, no permission)
+    cli(main, errors=(EvalError, OSError), code=lambda e: 2 if isinstance(e, UsageError) else 1)

@@ -18,7 +18,7 @@ import os
 import sys
 
 import eval as ev
-from configurator import ConfigError, parse_args
+from configurator import ConfigError, cli, parse_args
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by --key=value (see configurator.py)
@@ -83,6 +83,7 @@ def unsettled(text, stops):
 
 def generate(model, tok, text, cfg, out=None):
     """One prompt (already templated) -> its output, written to `out` (stdout) as the tokens come."""
+    from generate import generate as generate_ids  # here: importing sample.py loads no torch
     stops, new, shown, out = STOPS[cfg["template"]], [], 0, out or sys.stdout
 
     def on_token(nxt):  # (1,) new id
@@ -96,9 +97,9 @@ def generate(model, tok, text, cfg, out=None):
             shown = settled
         return stopped  # a stop string: no need to generate further
 
-    ids = model.generate([tok.encode(text, bos=True)], cfg["max_new_tokens"], temperature=cfg["temperature"],
-                         top_p=cfg["top_p"], stop_ids=tok.stop_ids, seed=cfg["seed"], on_token=on_token,
-                         decode="compiled" if cfg["compile"] else "cache")[0]
+    ids = generate_ids(model, [tok.encode(text, bos=True)], cfg["max_new_tokens"], temperature=cfg["temperature"],
+                       top_p=cfg["top_p"], stop_ids=tok.stop_ids, seed=cfg["seed"], on_token=on_token,
+                       decode="compiled" if cfg["compile"] else "cache")[0]
     output = cut(tok.decode(ids), stops)[0]
     out.write(output[shown:] + "\n")
     out.flush()
@@ -145,10 +146,5 @@ def main(argv, out=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ev.EvalError as e:  # bad options (exit 2) or bad input (exit 1): one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ev.UsageError) else 1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    # bad options (exit 2) or bad input (exit 1): one line, no traceback
+    cli(main, errors=(ev.EvalError, OSError), code=lambda e: 2 if isinstance(e, ev.UsageError) else 1)

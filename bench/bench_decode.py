@@ -1,5 +1,5 @@
 """
-Greedy decoding throughput: model.generate's three ways (decode=cache, static, compiled) against transformers'
+Greedy decoding throughput: generate.py's three ways (decode=cache, static, compiled) against transformers'
 generate on the same random weights (shared, not copied), batch 16, left-padded prompts of mixed lengths.
 
     python bench/bench_decode.py                           # CUDA, bf16, a 1B Llama shape (TinyLlama's: GQA 32/4)
@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import beamlora  # noqa: E402
 from configurator import ConfigError, parse_args  # noqa: E402
+from generate import decode_step, generate  # noqa: E402
 
 DEFAULTS = dict(
     shape="1b",  # SHAPES below
@@ -117,7 +118,7 @@ def run_sides(hf, ours, prompts, n, modes, repeats, device):
     """-> {side: (first call s, [timed s], tokens, same tokens every call)}, repeats interleaved."""
     sides = {"transformers": lambda: hf_generate(hf, prompts, n, device)}
     for m in modes:
-        sides[f"ours {m}"] = lambda m=m: ours.generate(prompts, n, stop_ids=[], decode=m)
+        sides[f"ours {m}"] = lambda m=m: generate(ours, prompts, n, stop_ids=[], decode=m)
     res = {}
     for side, fn in sides.items():  # warm-up: allocations, cuBLAS handles, the compile and graph recording
         t, out = timed(fn, device)
@@ -170,8 +171,8 @@ def main(argv):
         if part == "check" and not cfg["check_tokens"]:
             continue
         hf, ours = build(shape, device, getattr(torch, dtype))
-        if cfg["backend"] != "inductor":  # model.py compiles with inductor (CUDA graphs on CUDA); another one here
-            ours.compiled_step = torch.compile(ours.decode_step, backend=cfg["backend"], fullgraph=True, dynamic=False)
+        if cfg["backend"] != "inductor":  # generate.py compiles with inductor (CUDA graphs on CUDA); another one here
+            ours.compiled_step = torch.compile(decode_step, backend=cfg["backend"], fullgraph=True, dynamic=False)
         result["params"] = sum(p.numel() for p in ours.parameters())
         res = run_sides(hf, ours, prompts, n, ms, repeats, device)
         del hf, ours

@@ -85,6 +85,7 @@ def main():
         from transformers import AutoModelForCausalLM, LlamaForCausalLM
         import transformers
         transformers.logging.disable_progress_bar()
+        from generate import generate
         from model import Transformer
         from tokenizer import Tokenizer, encode_chat
         ours, tok = Transformer.from_pretrained(out), Tokenizer(out)
@@ -97,13 +98,13 @@ def main():
         for i, p in enumerate(prompts):
             ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
         kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
-        ours.generate(prompts, 2, stop_ids=[])  # warm-up
+        generate(ours, prompts, 2, stop_ids=[])  # warm-up
         with torch.no_grad():
             hf.generate(**kw, max_new_tokens=2)
         t_ours, t_hf = [], []
         for _ in range(repeats):
             t = time.perf_counter()
-            a = ours.generate(prompts, new_tokens, stop_ids=[])
+            a = generate(ours, prompts, new_tokens, stop_ids=[])
             t_ours.append(time.perf_counter() - t)
             with torch.no_grad():
                 t = time.perf_counter()
@@ -113,7 +114,7 @@ def main():
         print(f"greedy generation, batch {len(prompts)} chat prompts, {new_tokens} new tokens, fp32: ours {to:.2f} s "
               f"({len(prompts) * new_tokens / to:.1f} tok/s), transformers {th:.2f} s, ratio {to / th:.2f}; "
               f"tokens identical: {a == b}")
-        print(f"  {questions[0]!r} -> {tok.decode(ours.generate(prompts[:1], 40, stop_ids=tok.stop_ids)[0])!r}")
+        print(f"  {questions[0]!r} -> {tok.decode(generate(ours, prompts[:1], 40, stop_ids=tok.stop_ids)[0])!r}")
 
         sys.path.insert(0, os.path.join(ROOT, "tests"))
         from test_gguf import PARAGRAPH

@@ -62,6 +62,7 @@ def run_load(which, path):
 
 def bench_generate(path, batch, new_tokens, prompt_len=(20, 60)):
     from transformers import LlamaForCausalLM
+    from generate import generate
     from model import Transformer
     ours = Transformer.from_pretrained(path, dtype=torch.float32)
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -72,11 +73,11 @@ def bench_generate(path, batch, new_tokens, prompt_len=(20, 60)):
     ids, mask = torch.zeros(batch, L, dtype=torch.long), torch.zeros(batch, L, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
-    ours.generate(prompts, 2, stop_ids=[])  # warm both up (first-touch allocations, thread pools)
+    generate(ours, prompts, 2, stop_ids=[])  # warm both up (first-touch allocations, thread pools)
     with torch.no_grad():
         hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
     t = time.perf_counter()
-    a = ours.generate(prompts, new_tokens, stop_ids=[])
+    a = generate(ours, prompts, new_tokens, stop_ids=[])
     t_ours = time.perf_counter() - t
     with torch.no_grad():
         t = time.perf_counter()
@@ -117,11 +118,12 @@ def main():
     # KV cache on vs off at 128 new tokens, on a small model (without the cache it is quadratic)
     with tempfile.TemporaryDirectory() as d:
         make_checkpoint(d, SMALL)
+        from generate import generate
         from model import Transformer
         m = Transformer.from_pretrained(d)
         prompts = prompts[:4]
         t = time.perf_counter()
-        a = m.generate(prompts, 128, stop_ids=[])
+        a = generate(m, prompts, 128, stop_ids=[])
         t_on = time.perf_counter() - t
         t = time.perf_counter()
         b = no_cache_generate(m, prompts, 128)

@@ -16,6 +16,7 @@ import beamlora  # noqa: E402
 import eval as ev  # noqa: E402
 import train  # noqa: E402
 from conftest import ROOT, free_port  # noqa: E402
+from generate import generate  # noqa: E402
 from model import Transformer, lm_loss, load_safetensors  # noqa: E402
 from test_eval import E2E_ROWS  # noqa: E402
 from test_model import TINY, forced_logits, left_pad, write_hf  # noqa: E402
@@ -61,8 +62,8 @@ def test_greedy_decoding_matches_transformers_on_cuda(tmp_path, no_tf32):
     ref = hf.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, min_new_tokens=24,
                       do_sample=False, eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].tolist()
     for decode in ("cache", "static", "compiled"):
-        assert ours.generate(prompts, 24, stop_ids=[], decode=decode) == ref, decode
-    assert ours.generate(prompts[1:], 24, stop_ids=[], decode="compiled") == ref[1:]
+        assert generate(ours, prompts, 24, stop_ids=[], decode=decode) == ref, decode
+    assert generate(ours, prompts[1:], 24, stop_ids=[], decode="compiled") == ref[1:]
 
 
 def test_eval_decoding_eager_equals_compiled_on_cuda(tiny_checkpoint, tmp_path, no_tf32):

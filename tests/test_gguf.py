@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from generate import generate
 from model import Transformer, save_safetensors
 from tokenizer import Tokenizer, encode_chat
 
@@ -240,7 +241,7 @@ def test_perplexity_on_plain_english(smol):
 def test_chat_answer(smol):
     model, tok = smol
     prompt = encode_chat(tok, [{"role": "user", "content": "What is the capital of France?"}])
-    out = model.generate([prompt], max_new_tokens=40, stop_ids=tok.stop_ids)[0]
+    out = generate(model, [prompt], max_new_tokens=40, stop_ids=tok.stop_ids)[0]
     answer = tok.decode(out)
     print(repr(answer))
     assert "Paris" in answer and len(out) < 40  # stopped at <|im_end|>, not at the token limit

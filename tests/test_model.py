@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM  # noqa: E402
 
+from generate import beam_search, decode_step, generate, static_cache  # noqa: E402
 from model import CheckpointError, ModelArgs, Transformer, load_safetensors, save_safetensors  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -170,13 +171,14 @@ def test_batched_greedy_generation_matches_transformers(tmp_path, name):
     ours = Transformer.from_pretrained(path)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 12, 1, 8)]
-    got = ours.generate(prompts, max_new_tokens=24, stop_ids=[])
+    got = generate(ours, prompts, max_new_tokens=24, stop_ids=[])
     ids, mask = left_pad(prompts)
     ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False,
                       eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].tolist()
     assert got == ref
     # each prompt alone gives the same tokens as in the batch
-    assert [ours.generate([p], 24, stop_ids=[])[0] for p in prompts] == got
+    assert [generate(ours, [p], 24, stop_ids=[])[0] for p in prompts] == got
+    assert ours.generate(prompts, 24, stop_ids=[]) == got  # the method (bench/base_probe.py calls it) is the same
 
 
 @pytest.mark.parametrize("name", ["llama_mha", "llama_gqa", "mistral_window"])
@@ -190,43 +192,43 @@ def test_static_cache_decoding_matches_transformers(tmp_path, name):
     ids, mask = left_pad(prompts)
     ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False,
                       eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].tolist()
-    assert ours.generate(prompts, 24, stop_ids=[], decode="static") == ref
+    assert generate(ours, prompts, 24, stop_ids=[], decode="static") == ref
     cache = ours.static_kv
     assert cache[0].k.shape[2] > 12 + 24  # longer than needed: the unused slots are masked
     # fewer and shorter prompts reuse it (spare rows); stops and seeded sampling as the cache way
-    assert ours.generate(prompts[1:3], 20, stop_ids=[], decode="static") == [r[:20] for r in ref[1:3]]
+    assert generate(ours, prompts[1:3], 20, stop_ids=[], decode="static") == [r[:20] for r in ref[1:3]]
     stop = ref[1][3]
-    assert ours.generate(prompts[:2], 24, stop_ids=[stop], decode="static") == \
-        ours.generate(prompts[:2], 24, stop_ids=[stop]) != ref[:2]
-    sampled = ours.generate(prompts[2:], 16, temperature=1.0, top_p=0.9, seed=5, stop_ids=[])
-    assert ours.generate(prompts[2:], 16, temperature=1.0, top_p=0.9, seed=5, stop_ids=[], decode="static") == sampled
+    assert generate(ours, prompts[:2], 24, stop_ids=[stop], decode="static") == \
+        generate(ours, prompts[:2], 24, stop_ids=[stop]) != ref[:2]
+    sampled = generate(ours, prompts[2:], 16, temperature=1.0, top_p=0.9, seed=5, stop_ids=[])
+    assert generate(ours, prompts[2:], 16, temperature=1.0, top_p=0.9, seed=5, stop_ids=[], decode="static") == sampled
     assert ours.static_kv is cache and all(layer.self_attn.kv_cache is None for layer in ours.model.layers)
     seen = []  # streaming (sample.py): the callback sees the prompts' rows, not the cache's spare ones
-    assert ours.generate(prompts[1:2], 6, stop_ids=[], decode="static", on_token=lambda t: seen.append(t.tolist())) \
+    assert generate(ours, prompts[1:2], 6, stop_ids=[], decode="static", on_token=lambda t: seen.append(t.tolist())) \
         == [ref[1][:6]] and seen == [[t] for t in ref[1][:6]]
-    ours.compiled_step = torch.compile(ours.decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
-    assert ours.generate(prompts, 24, stop_ids=[], decode="compiled") == ref
-    assert ours.generate(prompts[::-1], 24, stop_ids=[], decode="compiled") == ref[::-1]
+    ours.compiled_step = torch.compile(decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
+    assert generate(ours, prompts, 24, stop_ids=[], decode="compiled") == ref
+    assert generate(ours, prompts[::-1], 24, stop_ids=[], decode="compiled") == ref[::-1]
     with pytest.raises(ValueError, match="decode='fast'"):
-        ours.generate(prompts, 2, decode="fast")
-    ours.static_cache(0, 0)
+        generate(ours, prompts, 2, decode="fast")
+    static_cache(ours, 0, 0)
     assert ours.static_kv is None
 
 
 def forced_logits(model, prompts, n, decode, forced=None):
-    """Each step's logits of model.generate (B, vocab), fp32; with `forced` (a list of (B,) token tensors) those
+    """Each step's logits of generate (B, vocab), fp32; with `forced` (a list of (B,) token tensors) those
     tokens are fed back instead of the argmax, so two ways of decoding see the same inputs at every step."""
-    import model as model_lib
-    logs, sample = [], model_lib.sample
+    import generate as generate_lib
+    logs, sample = [], generate_lib.sample
 
     def record(logits, *args):
         logs.append(logits.float().clone())
         return forced[len(logs) - 1] if forced is not None else sample(logits, *args)
-    model_lib.sample = record
+    generate_lib.sample = record
     try:
-        model.generate(prompts, n, stop_ids=[], decode=decode)
+        generate(model, prompts, n, stop_ids=[], decode=decode)
     finally:
-        model_lib.sample = sample
+        generate_lib.sample = sample
     return logs
 
 
@@ -239,7 +241,7 @@ def test_static_decoding_in_bf16_follows_the_cache_way(tmp_path):
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 12, 1, 8)]
     ref = forced_logits(ours, prompts, 16, "cache")
     tokens = [x.argmax(-1) for x in ref]
-    ours.compiled_step = torch.compile(ours.decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
+    ours.compiled_step = torch.compile(decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
     for decode in ("static", "compiled"):
         got = forced_logits(ours, prompts, 16, decode, tokens)
         assert len(got) == 16 and max((a - b).abs().max() / a.abs().max() for a, b in zip(ref, got)) <= 2e-2, decode
@@ -249,9 +251,9 @@ def test_generation_stops_per_sequence(tmp_path):
     hf, path = write_hf(tmp_path, "llama_gqa")
     ours = Transformer.from_pretrained(path)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    free = ours.generate(prompts, max_new_tokens=12, stop_ids=[])
+    free = generate(ours, prompts, max_new_tokens=12, stop_ids=[])
     stop = free[0][3]  # the 4th token of the first row becomes its stop token
-    cut = ours.generate(prompts, max_new_tokens=12, stop_ids=[stop])
+    cut = generate(ours, prompts, max_new_tokens=12, stop_ids=[stop])
     for row, full in zip(cut, free):
         k = full.index(stop) if stop in full else len(full)
         assert row == full[:k]
@@ -260,12 +262,12 @@ def test_generation_stops_per_sequence(tmp_path):
 def test_sampling_is_seeded_and_top_p_keeps_the_top(tmp_path):
     _, path = write_hf(tmp_path, "llama_gqa")
     ours = Transformer.from_pretrained(path)
-    a = ours.generate([[4, 5, 6]], 10, temperature=1.0, top_p=0.9, seed=7, stop_ids=[])
-    b = ours.generate([[4, 5, 6]], 10, temperature=1.0, top_p=0.9, seed=7, stop_ids=[])
+    a = generate(ours, [[4, 5, 6]], 10, temperature=1.0, top_p=0.9, seed=7, stop_ids=[])
+    b = generate(ours, [[4, 5, 6]], 10, temperature=1.0, top_p=0.9, seed=7, stop_ids=[])
     assert a == b
     # top_p tiny: only the most likely token survives, i.e. greedy
-    greedy = ours.generate([[4, 5, 6]], 10, stop_ids=[])
-    assert ours.generate([[4, 5, 6]], 10, temperature=1.0, top_p=1e-6, seed=3, stop_ids=[]) == greedy
+    greedy = generate(ours, [[4, 5, 6]], 10, stop_ids=[])
+    assert generate(ours, [[4, 5, 6]], 10, temperature=1.0, top_p=1e-6, seed=3, stop_ids=[]) == greedy
 
 
 def test_save_pretrained_round_trip_loads_in_transformers(tmp_path):
@@ -424,7 +426,7 @@ def test_beam_search_matches_transformers(tmp_path):
     ours = Transformer.from_pretrained(path)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 12, 1, 8)]
-    greedy = ours.generate(prompts, max_new_tokens=12, stop_ids=[])
+    greedy = generate(ours, prompts, max_new_tokens=12, stop_ids=[])
     stops = sorted({t for row in greedy for t in row[1:5]})
     ids, mask = left_pad(prompts)
     # LLM-Adapters' setting (4 beams, transformers' defaults) with four stop ids, then other penalties and stops
@@ -435,12 +437,12 @@ def test_beam_search_matches_transformers(tmp_path):
         ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_beams=nb, do_sample=False,
                           length_penalty=lp, early_stopping=es, eos_token_id=stop, pad_token_id=0)
         ref = [r[:r.index(stop)] if stop in r else r for r in ref[:, ids.shape[1]:].tolist()]
-        got = ours.beam_search(prompts, 12, nb, stop_ids=[stop], length_penalty=lp, early_stopping=es)
+        got = beam_search(ours, prompts, 12, nb, stop_ids=[stop], length_penalty=lp, early_stopping=es)
         assert got == ref, (stop, nb, lp, es)
         ended_early += sum(len(r) < 12 for r in got)
     assert ended_early >= 3
     # generate(num_beams=4) is that search with transformers' defaults; each prompt alone gives the same tokens
-    got = ours.generate(prompts, 12, stop_ids=[stops[0]], num_beams=4)
-    assert got == ours.beam_search(prompts, 12, 4, [stops[0]])
-    assert [ours.generate([p], 12, stop_ids=[stops[0]], num_beams=4)[0] for p in prompts] == got
-    assert ours.generate(prompts, 12, stop_ids=[], num_beams=4) != greedy  # beams find other text than greedy
+    got = generate(ours, prompts, 12, stop_ids=[stops[0]], num_beams=4)
+    assert got == beam_search(ours, prompts, 12, 4, [stops[0]])
+    assert [generate(ours, [p], 12, stop_ids=[stops[0]], num_beams=4)[0] for p in prompts] == got
+    assert generate(ours, prompts, 12, stop_ids=[], num_beams=4) != greedy  # beams find other text than greedy

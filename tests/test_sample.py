@@ -1,4 +1,4 @@
-# sample.py on a tiny random Llama with the demo tokenizer: greedy equals model.generate, a seeded sample
+# sample.py on a tiny random Llama with the demo tokenizer: greedy equals generate.generate, a seeded sample
 # repeats, an adapter (ours) gives eval.py's outputs and so does the merged checkpoint, a PEFT adapter gives
 # transformers + PEFT's, the text streamed is the text returned, and bad input is one line with no traceback.
 import io
@@ -15,6 +15,7 @@ import beamlora
 import eval as ev
 import sample
 from conftest import ROOT
+from generate import generate
 from model import Transformer
 from test_train import base, demo_data  # noqa: F401 (pytest fixtures: a tiny checkpoint and its tokenizer)
 from tokenizer import Tokenizer
@@ -47,7 +48,7 @@ def test_greedy_equals_generate_and_streams_it(base):
     got = sample.main([f"--model={base}", f"--prompt={PROMPTS[0]}", f"--prompt={PROMPTS[1]}", "--max_new_tokens=20",
                        "--device=cpu"], out)
     model, tok = Transformer.from_pretrained(base), Tokenizer(base)
-    want = [tok.decode(model.generate([tok.encode(p, bos=True)], 20, stop_ids=tok.stop_ids)[0]) for p in PROMPTS]
+    want = [tok.decode(generate(model, [tok.encode(p, bos=True)], 20, stop_ids=tok.stop_ids)[0]) for p in PROMPTS]
     assert got == want and all(w.strip() for w in want)
     # what was printed, token by token, is the prompt, then exactly the output
     assert out.getvalue() == "".join(f"{p}\n---\n{w}\n\n" for p, w in zip(PROMPTS, want))
@@ -58,8 +59,8 @@ def test_seeded_sampling_repeats(base):
     a, b = (sample.main(args + ["--seed=7"], io.StringIO()) for _ in range(2))
     other = sample.main(args + ["--seed=8"], io.StringIO())
     model, tok = Transformer.from_pretrained(base), Tokenizer(base)
-    ids = model.generate([tok.encode(PROMPTS[0], bos=True)], 24, temperature=1.0, top_p=0.9, seed=7,
-                         stop_ids=tok.stop_ids)[0]
+    ids = generate(model, [tok.encode(PROMPTS[0], bos=True)], 24, temperature=1.0, top_p=0.9, seed=7,
+                   stop_ids=tok.stop_ids)[0]
     assert a == b == [tok.decode(ids)] and other != a
 
 
@@ -115,8 +116,8 @@ def test_interactive(base, monkeypatch):
 def test_stop_strings_cut_the_stream(base, monkeypatch):
     # a stop string ends the output where eval.py cuts it, and nothing after it is printed
     model, tok = Transformer.from_pretrained(base), Tokenizer(base)
-    text = tok.decode(model.generate([tok.encode(ev.ALPACA.format(instruction=PROMPTS[0]), bos=True)], 20,
-                                     stop_ids=tok.stop_ids)[0])
+    text = tok.decode(generate(model, [tok.encode(ev.ALPACA.format(instruction=PROMPTS[0]), bos=True)], 20,
+                               stop_ids=tok.stop_ids)[0])
     stop = text[len(text) // 2:len(text) // 2 + 3]
     assert stop.strip()
     monkeypatch.setitem(sample.STOPS, "alpaca", [stop])
@@ -128,9 +129,9 @@ def test_stop_strings_cut_the_stream(base, monkeypatch):
 def test_generate_callback_sees_each_token_and_can_stop(base):
     model = Transformer.from_pretrained(base)
     seen = []
-    full = model.generate([[1, 5, 6, 7]], 10, stop_ids=[], on_token=lambda t: seen.append(t.tolist()))[0]
+    full = generate(model, [[1, 5, 6, 7]], 10, stop_ids=[], on_token=lambda t: seen.append(t.tolist()))[0]
     assert seen == [[t] for t in full] and len(full) == 10
-    short = model.generate([[1, 5, 6, 7]], 10, stop_ids=[], on_token=lambda t: t.item() == full[3])
+    short = generate(model, [[1, 5, 6, 7]], 10, stop_ids=[], on_token=lambda t: t.item() == full[3])
     assert short == [full[:4]]
 
 
