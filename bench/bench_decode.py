@@ -27,6 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import beamlora  # noqa: E402
+import rundir
 from configurator import ConfigError, parse_args  # noqa: E402
 
 DEFAULTS = dict(
@@ -191,7 +192,7 @@ def main(argv):
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         result["markdown"] = markdown(result, cfg, name)
-        beamlora.atomic_json(result, cfg["out_json"])  # the timings survive a kill during the check
+        rundir.atomic_json(result, cfg["out_json"])  # the timings survive a kill during the check
     print("\n" + result["markdown"])
     return result
 

@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import beamlora  # noqa: E402
+import rundir
 import train  # noqa: E402
 from bench_train import SHAPES, make_batch, peak_rss, write_checkpoint  # noqa: E402
 from configurator import ConfigError, parse_args  # noqa: E402
@@ -232,7 +233,7 @@ def main(argv):
           f"{cfg['block']} steps:\n\n" + table(rows, methods))
     print("\n" + md)
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out_json"])), exist_ok=True)
-    beamlora.atomic_json({"config": cfg, "torch": torch.__version__, "shapes": rows}, cfg["out_json"])
+    rundir.atomic_json({"config": cfg, "torch": torch.__version__, "shapes": rows}, cfg["out_json"])
     print(f"\nwrote {cfg['out_json']}")
     return {"shapes": rows, "markdown": md}
 

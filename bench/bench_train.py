@@ -46,6 +46,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import beamlora  # noqa: E402
+import rundir
 from configurator import ConfigError, parse_args  # noqa: E402
 
 DEFAULTS = dict(
@@ -445,7 +446,7 @@ def gpu_recipe(cfg, out_json):
         x = out["results"][c] = res[c]
         print(f"{c}: {x['tok_s']:,.0f} tokens/s, MFU {pct(x['mfu'])}, peak {x['peak_mem'] / 2**30:.2f} GiB, "
               f"{x['ops']} operation(s) in {steps} steps", flush=True)
-        beamlora.atomic_json({"partial": True, "gpu_recipe": out}, out_json)  # what is done survives a kill
+        rundir.atomic_json({"partial": True, "gpu_recipe": out}, out_json)  # what is done survives a kill
     m = shape["model"]
     md = (f"{'tiny' if cfg['tiny'] else 'Llama-2-7B'} shape (hidden {m['hidden_size']}, {m['num_hidden_layers']} layers), "
           f"random weights, r={r} on {cfg['targets']}, bf16 base + autocast, seq {shape['seq']} x micro batch "
@@ -501,7 +502,7 @@ def main(argv):
                       profile_table(row["profile"])
     print("\n" + md)
     result["markdown"] = md
-    beamlora.atomic_json(result, out_json)
+    rundir.atomic_json(result, out_json)
     print(f"\nwrote {out_json}")
     return result
 

@@ -18,6 +18,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
+import peft_io
+
 import beamlora  # noqa: E402
 import train  # noqa: E402
 
@@ -69,6 +71,6 @@ def save_safetensors(tensors, path, metadata=None):
     real_save_safetensors(tensors, path, metadata)
 
 
-real_save_safetensors = beamlora.save_safetensors
-train.append_jsonl, torch.save, train.atomic_save, beamlora.save_safetensors = append_jsonl, save, atomic_save, save_safetensors
+real_save_safetensors = peft_io.save_safetensors
+train.append_jsonl, torch.save, train.atomic_save, peft_io.save_safetensors = append_jsonl, save, atomic_save, save_safetensors
 train.main(argv)
