@@ -206,7 +206,7 @@ class Controller:
         return next(iter(self.modules.values())).lora_A.device
 
     def state_dict(self):
-        out = {"config": self.config()}
+        out = {"config": self.config()} if self.config() else {}  # {}: nothing to save (LoRA, full)
         for k in self.state:
             v = getattr(self, k)
             out[k] = v.get_state() if isinstance(v, torch.Generator) else v

@@ -120,7 +120,8 @@ def parse_args(argv, defaults, path=None, doc_path=None):
             except Exception as e:  # the user's own code: what failed where, in one line
                 lines = [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == arg]
                 line = e.lineno if isinstance(e, SyntaxError) else lines[-1] if lines else "?"
-                raise ConfigError(f"{arg}:{line}: {type(e).__name__}: {e.msg if isinstance(e, SyntaxError) else e}") from None
+                what = e.msg if isinstance(e, SyntaxError) else e
+                raise ConfigError(f"{arg}:{line}: {type(e).__name__}: {what}") from None
             for key, value in scope.items():
                 if key.startswith("_") or type(value).__name__ == "module":
                     continue

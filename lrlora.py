@@ -151,7 +151,9 @@ class RankController(Controller):
         self.draw()
 
     def temperature(self, t):
-        return 0.0 if t >= self.hard_step else self.temp_start * (self.temp_end / self.temp_start) ** (t / self.hard_step)
+        if t >= self.hard_step:
+            return 0.0
+        return self.temp_start * (self.temp_end / self.temp_start) ** (t / self.hard_step)
 
     def set_step(self, t):
         # the masks of the coming step t + 1; hard from hard_step on

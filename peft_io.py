@@ -69,7 +69,8 @@ def export_peft(model, out_dir, base_model_name_or_path=None, uniform_rank=0):
     if not mods:
         raise ValueError("the model has no LoRA modules to export")
     first = next(iter(mods.values()))
-    kinds = {(m.alpha, m.rslora, m.dropout_p, m.lora_magnitude_vector is None, m.lora_A0 is None) for m in mods.values()}
+    kinds = {(m.alpha, m.rslora, m.dropout_p, m.lora_magnitude_vector is None, m.lora_A0 is None)
+             for m in mods.values()}
     if len(kinds) > 1:
         raise ValueError("export_peft: the LoRA modules differ in alpha, rslora, dropout, DoRA or PiSSA")
     alpha = first.alpha if first.lora_A0 is None else first.alpha * (math.sqrt(2) if first.rslora else 2)
@@ -169,9 +170,11 @@ def load_adapter(model, adapter_dir, dtype=torch.float32):
     shapes = {}
     for name, ab in found.items():
         if name not in linears or set(ab) != want:
-            raise ValueError(f"{st_path}: {name} is not a linear of this model or lacks one of {', '.join(sorted(want))}")
+            raise ValueError(f"{st_path}: {name} is not a linear of this model or lacks one of "
+                             f"{', '.join(sorted(want))}")
         if use_dora and ab["lora_magnitude_vector"].shape != (linears[name].out_features,):
-            raise ValueError(f"{st_path}: {name}.lora_magnitude_vector has shape {tuple(ab['lora_magnitude_vector'].shape)}, "
+            raise ValueError(f"{st_path}: {name}.lora_magnitude_vector has shape "
+                             f"{tuple(ab['lora_magnitude_vector'].shape)}, "
                              f"expected ({linears[name].out_features},)")
         base, r = linears[name], int(pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
         if ab["lora_A"].shape != (r, base.in_features) or ab["lora_B"].shape != (base.out_features, r):

@@ -108,7 +108,8 @@ class ReLoController(Controller):
         return {"cycle": self.merges + 1}
 
     def config(self):
-        return {"steps": self.steps, "warmup": self.warmup, "prune": self.prune, "total": self.total, "joint": self.joint}
+        return {"steps": self.steps, "warmup": self.warmup, "prune": self.prune, "total": self.total,
+                "joint": self.joint}
 
     def state_dict(self):
         # the merged frozen weights are part of the state: the base's files hold W0 only

@@ -403,7 +403,9 @@ def train(cfg):
         ck = {"params": {n: p.detach() for n, p in raw_model.named_parameters() if p.requires_grad},
               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
               "config": json.dumps(cfg), "fingerprints": {k: digest for k, (_, digest) in prints.items()},
-              "log_losses": pending, "rng_cpu": torch.get_rng_state(), "controller": controller.state_dict()}
+              "log_losses": pending, "rng_cpu": torch.get_rng_state()}
+        if controller.state_dict():  # the method's own state (none for LoRA)
+            ck["controller"] = controller.state_dict()
         if dev_type == "cuda":
             ck["rng_cuda"] = torch.cuda.get_rng_state()
         atomic_save(ck, ckpt_path)
