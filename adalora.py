@@ -9,9 +9,27 @@ which the authors' loralib also follows); every difference is in docs/ADALORA.md
     budget         b(t) and whether step t masks (PEFT's budget_schedule)
     AdaController  after each optimizer step: the importance EMAs, masking to b(t), the final pattern;
                    penalty(): the orthogonality regulariser on A and B
+    rank, wrap, controller   --method=adalora (lora.py lists the hooks)
 """
 import torch
 import torch.nn as nn
+
+from beamlora import Controller, due, event, lora_layers
+from configurator import check_choice
+
+DORA = False  # PEFT has no AdaLoRA with DoRA to test against
+
+# -----------------------------------------------------------------------------
+# AdaLoRA (docs/ADALORA.md) and IncreLoRA: --r is the final average rank, the budget r x modules LoRA has at r
+init_r = 0  # ranks per module at the start (0: adalora 3r/2, its paper's b(0) = 1.5 b(T); increlora r/2)
+tinit = -1  # steps at init_r before the budget falls (-1: a tenth of the steps)
+tfinal = -1  # last steps with the final ranks fixed (-1: a third of the steps)
+deltaT = 10  # steps between maskings while the budget falls
+ipt_beta1 = 0.85  # EMA of the sensitivity |w * grad|
+ipt_beta2 = 0.85  # EMA of its uncertainty
+orth_reg_weight = 0.1  # orthogonality penalty on A and B (the authors' scripts; PEFT's default is 0.5)
+orth = "code"  # code: mean of ||A A^T - I||_F over the matrices (PEFT, authors' code); paper: sum of squares
+# -----------------------------------------------------------------------------
 
 
 class SVDGate(nn.Module):
@@ -46,7 +64,7 @@ def budget(t, init_bgt, target_bgt, tinit, tfinal, total, deltaT):
     if t > total - tfinal:
         return target_bgt, True
     mul = 1 - (t - tinit) / (total - tfinal - tinit)
-    return int((init_bgt - target_bgt) * mul ** 3 + target_bgt), t % deltaT == 0
+    return int((init_bgt - target_bgt) * mul ** 3 + target_bgt), due(t, deltaT)
 
 
 def orth_penalty(pairs, form):
@@ -60,13 +78,15 @@ def orth_penalty(pairs, form):
     return total / n if form == "code" else total
 
 
-class AdaController:
-    """Call step(t) after optimizer step t (t = 1 .. total), before zero_grad: it reads the gradients.
-    Every decision depends only on the (replicated) parameters and gradients, so data-parallel
-    processes agree without communicating."""
+class AdaController(Controller):
+    """step(t) reads the gradients (the loop calls it before zero_grad). Every decision depends only on the
+    (replicated) parameters and gradients, so data-parallel processes agree without communicating."""
+    name = "adalora"
+    state = ("ema", "unc", "pattern")
 
     def __init__(self, modules, target_r, tinit, tfinal, deltaT, total_steps, beta1=0.85, beta2=0.85,
                  orth_weight=0.1, orth="code"):
+        super().__init__(modules)
         if not modules or any(not isinstance(m.gate, SVDGate) for m in modules.values()):
             raise ValueError("AdaController needs LoRALinear modules with an SVDGate (add_svd)")
         if not 0 < target_r <= min(m.r for m in modules.values()):
@@ -77,7 +97,6 @@ class AdaController:
         if deltaT < 1 or not (0 < beta1 < 1 and 0 < beta2 < 1) or orth_weight < 0 or orth not in ("code", "paper"):
             raise ValueError(f"adalora: bad deltaT={deltaT}, ipt_beta1/2=({beta1}, {beta2}), "
                              f"orth_reg_weight={orth_weight} or orth={orth!r} (code | paper)")
-        self.modules = dict(modules)
         self.init_bgt = sum(m.r for m in self.modules.values())
         self.target_bgt = target_r * len(self.modules)
         self.tinit, self.tfinal, self.deltaT, self.total = tinit, tfinal, deltaT, total_steps
@@ -131,8 +150,8 @@ class AdaController:
     def event(self, t, kind, b, kept):
         masked = {n: (~k).nonzero().flatten().tolist() for n, k in kept.items()}
         n = sum(len(v) for v in masked.values())
-        return {"step": t, "kind": kind, "budget": b, "masked": masked,
-                "note": f"{kind.replace('_', ' ')}: budget {b}, {n} of {self.init_bgt} singular values set to zero"}
+        return event(t, kind, f"{kind.replace('_', ' ')}: budget {b}, {n} of {self.init_bgt} singular values set to "
+                     "zero", budget=b, masked=masked)
 
     @torch.no_grad()
     def step(self, t):
@@ -164,14 +183,28 @@ class AdaController:
         return {"init_bgt": self.init_bgt, "target_bgt": self.target_bgt, "tinit": self.tinit, "tfinal": self.tfinal,
                 "deltaT": self.deltaT, "total": self.total, "beta1": self.beta1, "beta2": self.beta2}
 
-    def state_dict(self):
-        return {"config": self.config(), "ema": self.ema, "unc": self.unc, "pattern": self.pattern}
-
     def load_state_dict(self, state):
-        if state["config"] != self.config():
-            raise ValueError(f"adalora: the checkpoint's schedule {state['config']} differs from this run's "
-                             f"{self.config()}")
-        dev = next(iter(self.modules.values())).lora_A.device
-        self.ema = {k: v.to(dev) for k, v in state["ema"].items()}
-        self.unc = {k: v.to(dev) for k, v in state["unc"].items()}
-        self.pattern = None if state["pattern"] is None else {n: v.to(dev) for n, v in state["pattern"].items()}
+        super().load_state_dict(state)
+        dev = self.device()
+        self.ema = {k: v.to(dev) for k, v in self.ema.items()}
+        self.unc = {k: v.to(dev) for k, v in self.unc.items()}
+        self.pattern = None if self.pattern is None else {n: v.to(dev) for n, v in self.pattern.items()}
+
+
+def check(cfg):
+    check_choice(cfg, "orth", ("code", "paper"))
+
+
+def rank(cfg):
+    return cfg["init_r"] or 3 * cfg["r"] // 2  # the budget falls from init_r to r per module
+
+
+def wrap(model, cfg):
+    return add_svd(lora_layers(model, cfg, rank(cfg)))
+
+
+def controller(mods, optimizer, cfg, total):
+    return AdaController(
+        mods, target_r=cfg["r"], tinit=cfg["tinit"] if cfg["tinit"] >= 0 else total // 10,
+        tfinal=cfg["tfinal"] if cfg["tfinal"] >= 0 else total // 3, deltaT=cfg["deltaT"], total_steps=total,
+        beta1=cfg["ipt_beta1"], beta2=cfg["ipt_beta2"], orth_weight=cfg["orth_reg_weight"], orth=cfg["orth"])

@@ -1,38 +1,54 @@
 """
-The LoRA layer every method here shares, and BeamLoRA on it: LoRA whose ranks are scored, and every
-dt steps the weakest ranks are pruned and refilled with copies of the strongest (arXiv 2502.13604).
-The algorithm, step by step, is in docs/BEAMLORA.md; the section numbers below refer to it.
+The LoRA layer every method shares, the Controller every method's between-steps object shares, and BeamLoRA on
+them: LoRA whose ranks are scored, and every dt steps the weakest ranks are pruned and refilled with copies of the
+strongest (arXiv 2502.13604). The algorithm, step by step, is in docs/BEAMLORA.md; the section numbers below refer
+to it. A method module's shape (settings, wrap, controller, properties) is in lora.py.
 
     LoRALinear      the layer: y = W0 x + scaling * B(s * (A dropout(x))), with seams for the other methods
-    Score           BeamLoRA's gate, s = r softmax(g / tau) (section 1); add_scores puts one on each module
-    apply_lora      wrap a model's target linears by name
+    apply_lora      wrap a model's target linears by name; lora_layers: the same from train.py's settings
+    Controller      what the loop calls between steps (nothing, here), and what every method's controller needs:
+                    due (is t an operation step), moments (a parameter's AdamW moments), event, state for resume
+    Score           BeamLoRA's gate, s = r softmax(g / tau) (section 1)
     select_ranks    dynamic top-p: which ranks of which module to prune (section 3)
     BeamController  the schedule (section 2), prune/expand (section 4), the ablations (section 5)
-    export_peft     s folded into A, saved as a PEFT LoRA adapter (rank_pattern where ranks differ);
-                    merge_lora; load_adapter
+    rank_importance each rank's score and update norm (scores.jsonl, the figures)
 """
-import json
 import math
-import os
-import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import dora
-from model import load_safetensors, save_safetensors
+from configurator import ConfigError, check_choice, check_range
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# -----------------------------------------------------------------------------
+# BeamLoRA (--method=beamlora; docs/BEAMLORA.md)
+tau = 0.05  # temperature of the rank scores (the authors use 0.03 when lr < 1e-4)
+dt = 0  # steps between prune/expand operations (0: total_steps // 12, rounded to even)
+p_init = 0.95  # initial top-p threshold (paper: 0.95 for r = 64, 0.96 for r = 32)
+end_step = 0  # p reaches 1 here (0: two thirds of the total steps, as in the paper)
+scope = "global"  # global (the authors' code) | module (the paper's text)
+no_expand = False  # ablation (paper Table 3): pruned ranks are zeroed, not refilled
+random_assess = False  # ablation: the same number of ranks, but pruned and source ranks drawn at random
+static_p = False  # ablation: the top-p threshold stays p_init
+no_history = False  # ablation: copy the source ranks as they are now, not from the dt/2 snapshot
+inherit_moments = "history"  # history: pruned ranks get the sources' historical AdamW moments (the paper's text);
+                             # keep: they keep their own, what the authors' code executes (docs/BEAMLORA.md, section 4)
+# -----------------------------------------------------------------------------
 
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a low-rank update: y = W0 x + scaling * B (s * (A dropout(x))).
 
-    The other methods of the comparison fill in three seams of this one layer, each in its own file:
+    The other methods of the comparison fill in seams of this one layer, each in its own file:
       gate                   a small module whose forward() gives the per-rank scale s (r,) between B and A:
                              BeamLoRA's Score below, LR-LoRA's rank mask, AdaLoRA's singular values; None: s = 1
       lora_A, lora_B, W0     an initialisation may rewrite them after construction (PiSSA, MiLoRA: pissa.py)
+      lora_A0, lora_B0       what such an initialisation took out of W0 (fp32, cpu): export writes the adapter for
+                             the original W0 as [B, -B0] [A; A0] (peft_io.peft_factors); None: W0 is the original
       lora_magnitude_vector  DoRA's magnitude m (out,), which rescales each output row (dora.py; None: plain LoRA)
     Export and merge only need folded_A(): whatever s there is goes into A.
     """
@@ -56,8 +72,6 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.gate = None
         self.lora_magnitude_vector = None
-        # PiSSA / MiLoRA (pissa.py) move part of W0 into A, B; their initial values (cpu, fp32) let
-        # export write an adapter for the original W0
         self.lora_A0 = self.lora_B0 = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -86,22 +100,6 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, rslora={self.rslora}"
 
 
-class Score(nn.Module):
-    """BeamLoRA's gate (section 1): s = r * softmax(g / tau), sums to r. g starts at zero, so s = 1 for
-    every rank and the layer is plain LoRA at step 0; the softmax runs in fp32."""
-
-    def __init__(self, r, tau, dtype=torch.float32, device=None):
-        super().__init__()
-        self.tau = tau
-        self.g = nn.Parameter(torch.zeros(r, dtype=dtype, device=device))
-
-    def forward(self):
-        return len(self.g) * torch.softmax(self.g.float() / self.tau, dim=0).to(self.g.dtype)
-
-    def extra_repr(self):
-        return f"r={len(self.g)}, tau={self.tau}"
-
-
 def linear_names(model):
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))})
 
@@ -128,15 +126,129 @@ def apply_lora(model, targets, r, alpha, dropout=0.0, rslora=False, dtype=torch.
     return wrapped
 
 
+def lora_layers(model, cfg, r):
+    """apply_lora with train.py's settings (--targets, --alpha, --dropout, --rslora) and r ranks; adapters in fp32."""
+    return apply_lora(model, cfg["targets"].split(","), r=r, alpha=cfg["alpha"], dropout=cfg["dropout"],
+                      rslora=cfg["rslora"], dtype=torch.float32)
+
+
+def lora_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+# ----------------------------------------------------------------------------------------------
+# what every method's controller shares
+
+def due(t, every, after=0, before=math.inf):
+    """Is optimizer step t an operation step: a multiple of `every`, after step `after`, before step `before`."""
+    return after < t < before and t % every == 0
+
+
+def adam_moments(optimizer, p, required=True):
+    """[exp_avg, exp_avg_sq] of parameter p, the tensors themselves (write them in place). Before AdamW's first
+    step on p there are none: [] , or an error if `required`."""
+    st = optimizer.state.get(p, {})
+    if "exp_avg" in st and "exp_avg_sq" in st:
+        return [st["exp_avg"], st["exp_avg_sq"]]
+    if required:
+        raise ValueError("this method needs AdamW state (exp_avg, exp_avg_sq) for every adapter parameter; "
+                         "call the controller after optimizer.step()")
+    return [st[k] for k in ("exp_avg", "exp_avg_sq") if k in st]
+
+
+def event(t, kind, note, **fields):
+    """One line of events.jsonl: step, kind, the method's fields, and a note for the console."""
+    return {"step": t, "kind": kind, **fields, "note": note}
+
+
+class Controller:
+    """What train.py calls between optimizer steps, the same for every method; this one does nothing (LoRA, DoRA,
+    full fine-tuning). A method's controller overrides what it needs:
+        step(t)        after optimizer step t, gradients still in place (before zero_grad) -> an event or None
+        penalty()      a term added to the loss once per optimizer step, or None
+        lr_factor(t)   a factor on the schedule's learning rate of step t + 1
+        log(t)         extra fields for the log line
+        final()        {file name: JSON object}, written to out_dir at the end
+        config()       the schedule a resume must match; `state` names the attributes saved in ckpt.pt beside it
+    Every decision must depend only on replicated values and seeded generators (or all-reduced ones), so that
+    data-parallel processes agree."""
+    name = "controller"  # in error messages
+    state = ()  # attributes in ckpt.pt; a torch.Generator is saved as its state
+    adam = False  # rewrites AdamW's moments: refuses another optimizer
+
+    def __init__(self, modules=(), optimizer=None):
+        if self.adam and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ValueError(f"{self.name} rewrites AdamW's exp_avg/exp_avg_sq; {type(optimizer).__name__} has none")
+        self.modules, self.opt = dict(modules), optimizer
+
+    def step(self, t):
+        return None
+
+    def penalty(self):
+        return None
+
+    def lr_factor(self, t):
+        return 1.0
+
+    def log(self, t):
+        return {}
+
+    def final(self):
+        return {}
+
+    def config(self):
+        return {}
+
+    def moments(self, p, required=True):
+        return adam_moments(self.opt, p, required)
+
+    def device(self):
+        return next(iter(self.modules.values())).lora_A.device
+
+    def state_dict(self):
+        out = {"config": self.config()} if self.config() else {}  # {}: nothing to save (LoRA, full)
+        for k in self.state:
+            v = getattr(self, k)
+            out[k] = v.get_state() if isinstance(v, torch.Generator) else v
+        return out
+
+    def load_state_dict(self, state):
+        """The checkpoint's state; its schedule must be this run's. Tensors come as saved (on the cpu)."""
+        if state.get("config", {}) != self.config():
+            raise ValueError(f"{self.name}: the schedule of the checkpoint {state.get('config')} differs from this "
+                             f"run's {self.config()}")
+        for k in self.state:
+            v = getattr(self, k)
+            if isinstance(v, torch.Generator):
+                v.set_state(state[k])
+            else:
+                setattr(self, k, state[k])
+
+
+# ----------------------------------------------------------------------------------------------
+# BeamLoRA: the score (section 1)
+
+class Score(nn.Module):
+    """BeamLoRA's gate (section 1): s = r * softmax(g / tau), sums to r. g starts at zero, so s = 1 for
+    every rank and the layer is plain LoRA at step 0; the softmax runs in fp32."""
+
+    def __init__(self, r, tau, dtype=torch.float32, device=None):
+        super().__init__()
+        self.tau = tau
+        self.g = nn.Parameter(torch.zeros(r, dtype=dtype, device=device))
+
+    def forward(self):
+        return len(self.g) * torch.softmax(self.g.float() / self.tau, dim=0).to(self.g.dtype)
+
+    def extra_repr(self):
+        return f"r={len(self.g)}, tau={self.tau}"
+
+
 def add_scores(modules, tau):
     """Make LoRA modules BeamLoRA modules: a Score gate (fp32, like the adapters) on each."""
     for m in modules.values():
         m.gate = Score(m.r, tau, dtype=m.lora_A.dtype, device=m.lora_A.device)
     return modules
-
-
-def lora_modules(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,17 +304,17 @@ def select_ranks(scores, p, scope="global"):
 # ----------------------------------------------------------------------------------------------
 # the schedule, prune and expand (sections 2, 4, 5)
 
-class BeamController:
-    """Call step(t) after optimizer step t (t = 1 .. total_steps). It snapshots the adapters at
-    t % dt == dt/2 and prunes/expands at t % dt == 0. Every decision depends only on the
-    (replicated) parameters and a seeded generator, so all data-parallel processes agree
-    without communicating."""
+class BeamController(Controller):
+    """Snapshots the adapters at t % dt == dt/2 and prunes/expands at t % dt == 0. Every decision depends only on
+    the (replicated) parameters and a seeded generator, so all data-parallel processes agree without
+    communicating."""
+    name, adam = "BeamLoRA", True
+    state = ("gen", "snapshot", "snapshot_step")
 
     def __init__(self, modules, optimizer, dt, p_init, end_step, total_steps, scope="global",
                  no_expand=False, random_assess=False, static_p=False, no_history=False, inherit_moments="history",
                  seed=0):
-        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            raise ValueError(f"BeamLoRA rewrites AdamW's exp_avg/exp_avg_sq; {type(optimizer).__name__} has none")
+        super().__init__(modules, optimizer)
         if not modules or any(not isinstance(m.gate, Score) for m in modules.values()):
             raise ValueError("BeamController needs LoRALinear modules with a Score gate (add_scores)")
         if dt < 2:
@@ -213,7 +325,6 @@ class BeamController:
             raise ValueError(f"scope={scope!r}: must be 'global' or 'module'")
         if inherit_moments not in ("history", "keep"):
             raise ValueError(f"inherit_moments={inherit_moments!r}: must be 'history' or 'keep'")
-        self.modules, self.opt = dict(modules), optimizer
         self.dt, self.p_init, self.end_step, self.total = dt, p_init, end_step, total_steps
         self.scope, self.no_expand, self.random_assess = scope, no_expand, random_assess
         self.static_p, self.no_history, self.inherit_moments = static_p, no_history, inherit_moments
@@ -225,7 +336,8 @@ class BeamController:
         return threshold(t, self.p_init, self.end_step, self.static_p)
 
     def operates(self, t):
-        return t > 0 and t % self.dt == 0 and self.total - t >= self.dt and self.threshold(t) < 1
+        # an operation needs dt steps after it to train the copies, and p < 1
+        return due(t, self.dt, before=self.total - self.dt + 1) and self.threshold(t) < 1
 
     def snapshots(self, t):
         # only the snapshots an operation will use: the one dt/2 before each operation
@@ -240,16 +352,9 @@ class BeamController:
             self.snapshot_step = t
         if not self.operates(t):
             return None
-        event = self.operate(t)
+        ev = self.operate(t)
         self.snapshot = None  # used once; the next operation takes its own (and checkpoints stay small)
-        return event
-
-    def moments(self, p):
-        st = self.opt.state.get(p, {})
-        if "exp_avg" not in st or "exp_avg_sq" not in st:
-            raise ValueError("BeamLoRA needs AdamW state (exp_avg, exp_avg_sq) for every adapter parameter; "
-                             "call the controller after optimizer.step()")
-        return st["exp_avg"], st["exp_avg_sq"]
+        return ev
 
     @torch.no_grad()
     def take_snapshot(self):
@@ -270,7 +375,7 @@ class BeamController:
         hist = self.take_snapshot() if self.no_history else self.snapshot
         if hist is None:
             raise ValueError(f"step {t}: no snapshot to copy from (a snapshot is taken at t % dt == dt/2)")
-        event = {"step": t, "kind": "prune_expand", "p": p, "modules": {}}
+        changed = {}
         for name, m in self.modules.items():  # fixed order: the generator draws the same on every process
             k = ks[name]
             if k == 0:
@@ -283,16 +388,15 @@ class BeamController:
                 order = order_desc(scores[name])
                 pruned = order[r - k:]  # the K_m lowest scores
                 sources = order[:k][torch.randperm(k, generator=self.gen)]  # the K_m highest, randomly paired
-            event["modules"][name] = {"pruned": pruned.tolist(), "sources": sources.tolist(),
-                                      "scores": scores[name].tolist()}
+            changed[name] = {"pruned": pruned.tolist(), "sources": sources.tolist(), "scores": scores[name].tolist()}
             self.prune_expand(m, pruned.to(m.lora_A.device), sources.to(m.lora_A.device), hist[name])
         if self.inherit_moments == "keep":  # the authors' code zeroes the score moments of every module
             for m in self.modules.values():
                 for x in self.moments(m.gate.g):
                     x.zero_()
-        n = sum(len(d["pruned"]) for d in event["modules"].values())
-        event["note"] = f"prune/expand at p={p:.4f}: {n} ranks in {len(event['modules'])} modules re-initialised from their sources"
-        return event
+        n = sum(len(d["pruned"]) for d in changed.values())
+        return event(t, "prune_expand", f"prune/expand at p={p:.4f}: {n} ranks in {len(changed)} modules "
+                     "re-initialised from their sources", p=p, modules=changed)
 
     def log(self, t):
         return {"p": self.threshold(t)}
@@ -320,27 +424,47 @@ class BeamController:
         for x in self.moments(g):  # the score distribution changed: its momentum is stale
             x.zero_()
 
-    def state_dict(self):
-        return {"gen": self.gen.get_state(), "snapshot": self.snapshot, "snapshot_step": self.snapshot_step,
-                "config": {"dt": self.dt, "p_init": self.p_init, "end_step": self.end_step, "total": self.total,
-                           "scope": self.scope, "inherit_moments": self.inherit_moments}}
+    def config(self):
+        return {"dt": self.dt, "p_init": self.p_init, "end_step": self.end_step, "total": self.total,
+                "scope": self.scope, "inherit_moments": self.inherit_moments}
 
     def load_state_dict(self, state):
-        mine = self.state_dict()["config"]
-        if state["config"] != mine:
-            raise ValueError(f"beam schedule of the checkpoint {state['config']} differs from this run's {mine}")
-        self.gen.set_state(state["gen"])
-        self.snapshot_step = state["snapshot_step"]
-        self.snapshot = None
-        if state["snapshot"] is not None:
+        super().load_state_dict(state)
+        if self.snapshot is not None:
             self.snapshot = {n: {k: v.to(self.modules[n].lora_A.device) for k, v in d.items()}
-                             for n, d in state["snapshot"].items()}
+                             for n, d in self.snapshot.items()}
 
 
 # ----------------------------------------------------------------------------------------------
-# analysis and export
+# the method (lora.py lists the hooks)
 
-@torch.no_grad()
+def check(cfg):
+    """BeamLoRA's settings, whatever --method is (a typo fails now, not when the method is switched)."""
+    check_range(cfg, "positive", "tau")
+    check_range(cfg, "0 or more", "dt", "end_step")
+    check_range(cfg, "in (0, 1)", "p_init")
+    check_choice(cfg, "scope", ("global", "module"))
+    check_choice(cfg, "inherit_moments", ("history", "keep"))
+    if cfg["dt"] and (cfg["dt"] < 2 or cfg["dt"] % 2):
+        raise ConfigError(f"--dt={cfg['dt']}: must be an even number >= 2 (a snapshot is taken at dt/2)")
+
+
+def wrap(model, cfg):
+    return add_scores(lora_layers(model, cfg, cfg["r"]), cfg["tau"])
+
+
+def controller(mods, optimizer, cfg, total):
+    """dt defaults to a twelfth of the run (even: a snapshot at dt/2), end_step to two thirds of it."""
+    return BeamController(
+        mods, optimizer, dt=cfg["dt"] or max(2, (total // 12) // 2 * 2), p_init=cfg["p_init"],
+        end_step=cfg["end_step"] or (2 * total) // 3, total_steps=total, scope=cfg["scope"],
+        no_expand=cfg["no_expand"], random_assess=cfg["random_assess"], static_p=cfg["static_p"],
+        no_history=cfg["no_history"], inherit_moments=cfg["inherit_moments"], seed=cfg["seed"])
+
+
+# ----------------------------------------------------------------------------------------------
+# analysis
+
 @torch.no_grad()  # a record, not a step: a gate's deterministic form (LR-LoRA: its learned rank, not a sample)
 def rank_importance(model):
     """Per module: "score" s (r,) (ones for plain LoRA), and "norm" ||s_i b_i a_i||_F (r,), the
@@ -352,183 +476,3 @@ def rank_importance(model):
         norm = s * m.lora_B.float().norm(dim=0) * m.lora_A.float().norm(dim=1)
         out[name] = {"score": s.cpu(), "norm": norm.cpu()}
     return out
-
-
-def peft_key(name, which):
-    return f"base_model.model.{name}.{which}.weight"
-
-
-def atomic_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def peft_scaling(alpha, r, rslora):
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-@torch.no_grad()
-def peft_factors(m, rank=None, alpha=None):
-    """(A (k, in), B (out, k)) fp32: the plain LoRA this layer equals under PEFT's scaling for rank k
-    and `alpha` (default: the layer's), applied to the original W0.
-    The gate's s is folded into A; ranks whose s is exactly 0 (pruned by LR-LoRA, AdaLoRA, ...) are
-    dropped; `rank` pads with zero ranks to that uniform rank instead. PiSSA / MiLoRA trained
-    W0 - scaling B0 A0 + scaling B A: for the original W0 that is [B, -B0] [A; A0] (2r ranks, as PEFT
-    converts them). PEFT scales by alpha / k, so A also carries our scaling / PEFT's where they differ."""
-    A, B = m.folded_A().float(), m.lora_B.float()
-    s = m.rank_scale()
-    if s is not None and bool((s == 0).any()):
-        keep = (s != 0).nonzero().flatten()
-        A, B = A[keep], B[:, keep]
-    if m.lora_A0 is not None:
-        A = torch.cat([A, m.lora_A0.to(A)])
-        B = torch.cat([B, -m.lora_B0.to(B)], dim=1)
-    k = max(1, len(A)) if rank is None else rank
-    if k < len(A):
-        raise ValueError(f"rank={rank}: the adapter has a module with {len(A)} ranks")
-    if k > len(A):  # zero ranks add nothing: a module that kept none still has the shape PEFT expects
-        A = torch.cat([A, A.new_zeros(k - len(A), A.shape[1])])
-        B = torch.cat([B, B.new_zeros(B.shape[0], k - B.shape[1])], dim=1)
-    ratio = m.scaling / peft_scaling(m.alpha if alpha is None else alpha, k, m.rslora)
-    if ratio != 1:
-        A = A * ratio
-    return A.cpu().contiguous(), B.cpu().contiguous()
-
-
-@torch.no_grad()
-def export_peft(model, out_dir, base_model_name_or_path=None, uniform_rank=0):
-    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for the original base
-    checkpoint, s folded into A. Modules that end with different ranks get PEFT's rank_pattern;
-    uniform_rank > 0 pads every module to that rank with zero ranks instead (for servers that need one
-    rank, e.g. vLLM). DoRA: PEFT's DoRA format (use_dora, `...lora_magnitude_vector` tensors).
-    PiSSA / MiLoRA: a plain LoRA of rank 2r with alpha doubled (x sqrt 2 under rsLoRA), which keeps
-    the scaling, as PEFT's own conversion writes it."""
-    mods = lora_modules(model)
-    if not mods:
-        raise ValueError("the model has no LoRA modules to export")
-    first = next(iter(mods.values()))
-    kinds = {(m.alpha, m.rslora, m.dropout_p, m.lora_magnitude_vector is None, m.lora_A0 is None) for m in mods.values()}
-    if len(kinds) > 1:
-        raise ValueError("export_peft: the LoRA modules differ in alpha, rslora, dropout, DoRA or PiSSA")
-    alpha = first.alpha if first.lora_A0 is None else first.alpha * (math.sqrt(2) if first.rslora else 2)
-    os.makedirs(out_dir, exist_ok=True)
-    tensors, ranks = {}, {}
-    for name, m in mods.items():
-        A, B = peft_factors(m, uniform_rank or None, alpha)
-        tensors[peft_key(name, "lora_A")], tensors[peft_key(name, "lora_B")] = A, B
-        if m.lora_magnitude_vector is not None:  # PEFT's file key has no ".weight"
-            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().float().cpu()
-        ranks[name] = len(A)
-    save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    r = max(ranks.values())
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-              "rank_pattern": {n: k for n, k in ranks.items() if k != r},
-              "lora_dropout": first.dropout_p, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": first.rslora,
-              "use_dora": first.lora_magnitude_vector is not None,
-              "inference_mode": True, "modules_to_save": None,
-              "base_model_name_or_path": str(base_model_name_or_path) if base_model_name_or_path else None}
-    atomic_json(config, os.path.join(out_dir, "adapter_config.json"))
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """W = W0 + scaling * B A' (DoRA: then m / ||W||_row * W) into each wrapped linear, which becomes a
-    plain nn.Linear again."""
-    for name, m in lora_modules(model).items():
-        w = torch.addmm(m.weight.float(), m.lora_B.float(), m.folded_A().float(), alpha=m.scaling)  # (out, in)
-        if m.lora_magnitude_vector is not None:
-            w = dora.merged_weight(m, w)
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        lin.weight = nn.Parameter(w.to(m.weight.dtype), requires_grad=False)
-        if m.bias is not None:
-            lin.bias = m.bias
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, lin)
-    return model
-
-
-def pattern_value(pattern, name, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def load_adapter(model, adapter_dir, dtype=torch.float32):
-    """Load a PEFT-format LoRA or DoRA adapter (ours or any from elsewhere) onto our model, unmerged."""
-    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
-    st_path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"{cfg_path}: not found; an adapter directory has adapter_config.json")
-    if not os.path.isfile(st_path):
-        hint = " (adapter_model.bin is a pickle: convert it to safetensors)" if os.path.isfile(
-            os.path.join(adapter_dir, "adapter_model.bin")) else ""
-        raise ValueError(f"{st_path}: not found{hint}")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: not a JSON object")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_path}: only LoRA adapters are supported (peft_type LORA, with or without DoRA)")
-    use_dora = bool(cfg.get("use_dora"))
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
-            raise ValueError(f"{cfg_path}: {key!r} must be a positive number, got {cfg.get(key)!r}")
-    for key in ("rank_pattern", "alpha_pattern"):  # {module name pattern: number}, read by pattern_value
-        pattern = cfg.get(key) or {}
-        try:
-            ok = isinstance(pattern, dict) and all(re.compile(k) and isinstance(v, (int, float)) and
-                                                   not isinstance(v, bool) and v > 0 for k, v in pattern.items())
-        except re.error:
-            ok = False
-        if not ok:
-            raise ValueError(f"{cfg_path}: {key!r} must map module name patterns to positive numbers, got {pattern!r}")
-    tensors = load_safetensors(st_path)
-    if not tensors:
-        raise ValueError(f"{st_path}: no tensors")
-    # keys: base_model.model.<module>.lora_A.weight (PEFT may also write ".default" before ".weight");
-    # DoRA adds base_model.model.<module>.lora_magnitude_vector (older PEFT: ...lora_magnitude_vector.weight)
-    pat = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(\.weight)?$")
-    found = {}
-    for key, t in tensors.items():
-        mt = pat.match(key)
-        magnitude = bool(mt) and mt.group(2) == "lora_magnitude_vector"
-        if not mt or (magnitude and not use_dora) or (not magnitude and not mt.group(3)):
-            raise ValueError(f"{st_path}: unexpected tensor {key} (only lora_A / lora_B weights"
-                             + (" and lora_magnitude_vector" if use_dora else "") + " are supported)")
-        found.setdefault(mt.group(1), {})[mt.group(2)] = t
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    want = {"lora_A", "lora_B", "lora_magnitude_vector"} if use_dora else {"lora_A", "lora_B"}
-    shapes = {}
-    for name, ab in found.items():
-        if name not in linears or set(ab) != want:
-            raise ValueError(f"{st_path}: {name} is not a linear of this model or lacks one of {', '.join(sorted(want))}")
-        if use_dora and ab["lora_magnitude_vector"].shape != (linears[name].out_features,):
-            raise ValueError(f"{st_path}: {name}.lora_magnitude_vector has shape {tuple(ab['lora_magnitude_vector'].shape)}, "
-                             f"expected ({linears[name].out_features},)")
-        base, r = linears[name], int(pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
-        if ab["lora_A"].shape != (r, base.in_features) or ab["lora_B"].shape != (base.out_features, r):
-            raise ValueError(f"{st_path}: {name} has shapes {tuple(ab['lora_A'].shape)}, {tuple(ab['lora_B'].shape)}; "
-                             f"expected ({r}, {base.in_features}), ({base.out_features}, {r})")
-        shapes[name] = r
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, ab in found.items():
-        alpha = float(pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
-        m = LoRALinear(linears[name], shapes[name], alpha, rslora=bool(cfg.get("use_rslora")), dtype=dtype)
-        m.lora_A.data.copy_(ab["lora_A"])
-        m.lora_B.data.copy_(ab["lora_B"])
-        m.lora_A.requires_grad_(False)
-        m.lora_B.requires_grad_(False)
-        if use_dora:
-            m.lora_magnitude_vector = nn.Parameter(ab["lora_magnitude_vector"].to(dtype), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, m)
-    return model

@@ -37,37 +37,58 @@ def coerce(key, value, default):
     raise ConfigError(f"--{key}: expected {type(default).__name__}, got {value!r}")
 
 
-def documented(path, defaults):
-    """The defaults block of the file at `path`, parsed: [(heading, key, description)] for every key of
-    `defaults`, in file order. description: the comment at the end of the key's line, with any indented
-    comment lines right below it; heading: the unindented comment lines right above the key (a group's
-    title), [] if none. A key not assigned at module level comes last, undocumented."""
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    comments, alone = {}, {}  # line -> comment text; line -> column, for lines that hold only a comment
-    for t in tokenize.generate_tokens(io.StringIO(source).readline):  # tokens: a '#' inside a string is no comment
-        if t.type == tokenize.COMMENT:
-            comments[t.start[0]] = t.string[1:].strip()
-            if not t.line[:t.start[1]].strip():
-                alone[t.start[0]] = t.start[1]
+RANGES = {"at least 1": lambda v: v >= 1, "at least 2": lambda v: v >= 2, "positive": lambda v: v > 0,
+          "0 or more": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1,
+          "in (0, 1)": lambda v: 0 < v < 1}
+
+
+def check_range(cfg, what, *keys):
+    """Each key's value must be `what` (a RANGES name): else one line naming the first that is not."""
+    for key in keys:
+        if not RANGES[what](cfg[key]):  # NaN fails every test
+            raise ConfigError(f"--{key}={cfg[key]}: must be {what}")
+
+
+def check_choice(cfg, key, allowed):
+    if cfg[key] not in allowed:
+        raise ConfigError(f"--{key}={cfg[key]}: must be one of {', '.join(allowed)}")
+
+
+def documented(paths, defaults):
+    """The defaults blocks of the file(s) at `paths` (a path or a list: train.py, then each method's module),
+    parsed: [(heading, key, description)] for every key of `defaults`, in file order. description: the comment at
+    the end of the key's line, with any indented comment lines right below it; heading: the unindented comment lines
+    right above the key (a group's title), [] if none. A key no file assigns at module level comes last,
+    undocumented."""
     rows = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
-                and node.targets[0].id in defaults and node.targets[0].id not in rows:
-            heading, line = [], node.lineno - 1
-            while alone.get(line) == 0 and comments[line].strip("-"):  # up to a blank line, code or a # ---- rule
-                heading.insert(0, comments[line])
-                line -= 1
-            desc, line = comments.get(node.end_lineno, "") if node.end_lineno not in alone else "", node.end_lineno + 1
-            while desc and alone.get(line, 0) > 0:  # the description goes on, indented, on the lines below
-                desc, line = f"{desc} {comments[line]}", line + 1
-            rows[node.targets[0].id] = (heading, node.targets[0].id, desc)
+    for path in [paths] if isinstance(paths, str) else paths:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        comments, alone = {}, {}  # line -> comment text; line -> column, for lines that hold only a comment
+        for t in tokenize.generate_tokens(io.StringIO(source).readline):  # a '#' inside a string is no comment
+            if t.type == tokenize.COMMENT:
+                comments[t.start[0]] = t.string[1:].strip()
+                if not t.line[:t.start[1]].strip():
+                    alone[t.start[0]] = t.start[1]
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                    and node.targets[0].id in defaults and node.targets[0].id not in rows:
+                heading, line = [], node.lineno - 1
+                while alone.get(line) == 0 and comments[line].strip("-"):  # up to a blank line, code or a # ---- rule
+                    heading.insert(0, comments[line])
+                    line -= 1
+                desc = comments.get(node.end_lineno, "") if node.end_lineno not in alone else ""
+                line = node.end_lineno + 1
+                while desc and alone.get(line, 0) > 0:  # the description goes on, indented, on the lines below
+                    desc, line = f"{desc} {comments[line]}", line + 1
+                rows[node.targets[0].id] = (heading, node.targets[0].id, desc)
     return list(rows.values()) + [([], k, "") for k in defaults if k not in rows]
 
 
 def help_text(path, defaults, doc_path=None):
-    """--help: the docstring of `doc_path` (default: `path`), then the options documented in `path`."""
-    with open(doc_path or path, encoding="utf-8") as f:
+    """--help: the docstring of `doc_path` (default: `path`, or its first file), then the options documented in
+    `path` (a file or a list of files, as documented takes)."""
+    with open(doc_path or (path if isinstance(path, str) else path[0]), encoding="utf-8") as f:
         doc = ast.get_docstring(ast.parse(f.read())) or ""
     show = {k: f"--{k}={v}" if v != "" else f'--{k}=""' for k, v in defaults.items()}
     width = min(32, max(map(len, show.values())))
@@ -83,7 +104,7 @@ def help_text(path, defaults, doc_path=None):
 
 def parse_args(argv, defaults, path=None, doc_path=None):
     """Returns a copy of `defaults` (a dict) updated by the config files and --key=value in argv. With `path`
-    (the file whose defaults block documents `defaults`), --help or -h prints help_text and exits 0."""
+    (the file or files whose defaults blocks document `defaults`), --help or -h prints help_text and exits 0."""
     if path and ("--help" in argv or "-h" in argv):
         print(help_text(path, defaults, doc_path))
         sys.exit(0)
@@ -99,7 +120,8 @@ def parse_args(argv, defaults, path=None, doc_path=None):
             except Exception as e:  # the user's own code: what failed where, in one line
                 lines = [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == arg]
                 line = e.lineno if isinstance(e, SyntaxError) else lines[-1] if lines else "?"
-                raise ConfigError(f"{arg}:{line}: {type(e).__name__}: {e.msg if isinstance(e, SyntaxError) else e}") from None
+                what = e.msg if isinstance(e, SyntaxError) else e
+                raise ConfigError(f"{arg}:{line}: {type(e).__name__}: {what}") from None
             for key, value in scope.items():
                 if key.startswith("_") or type(value).__name__ == "module":
                     continue

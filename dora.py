@@ -4,6 +4,7 @@ beamlora.py: the adapted weight W0 + scaling B diag(s) A is split into a directi
 divided by its norm) and a learned magnitude m per output row. The equations, and where we differ
 from the paper or PEFT, are in docs/DORA.md.
 
+    wrap             --method=dora: LoRA with magnitudes (--dora adds them to any LoRA-family method)
     add_magnitudes   fill the layer's lora_magnitude_vector seam: m = ||W0 + scaling B diag(s) A||_row
     weight_norm      that row norm, a constant in backward (fp32, no graph)
     forward          the layer's output with DoRA, PEFT's formula (dropout, bias)
@@ -16,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import beamlora  # the module, not its names: beamlora imports this file for the layer's forward
+
 
 def weight_norm(m):
     """||W0 + scaling B diag(s) A|| over the input dimension, one per output row: (out,) fp32.
@@ -27,11 +30,17 @@ def weight_norm(m):
 
 
 def add_magnitudes(modules):
-    """Make LoRA modules DoRA modules. m starts at the current norm, so the layer's output is unchanged
-    (with B = 0: m = ||W0||_row). m is fp32 like the adapters; its key is PEFT's, `...lora_magnitude_vector`."""
+    """Make LoRA modules DoRA modules (those that are not yet). m starts at the current norm, so the layer's
+    output is unchanged (with B = 0: m = ||W0||_row). m is fp32 like the adapters; its key is PEFT's,
+    `...lora_magnitude_vector`."""
     for m in modules.values():
-        m.lora_magnitude_vector = nn.Parameter(weight_norm(m).to(m.lora_A.dtype))
+        if m.lora_magnitude_vector is None:
+            m.lora_magnitude_vector = nn.Parameter(weight_norm(m).to(m.lora_A.dtype))
     return modules
+
+
+def wrap(model, cfg):
+    return add_magnitudes(beamlora.lora_layers(model, cfg, cfg["r"]))
 
 
 def forward(m, x, xd, lora):

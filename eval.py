@@ -521,9 +521,9 @@ def load_model(model_dir, adapter="", device="auto", dtype="float32"):
             raise EvalError(f"{tok.path}: {tok.n_words} tokens, more than the model's vocab_size ({vocab})")
         model = model_lib.Transformer.from_pretrained(model_dir, device=device, dtype=getattr(torch, dtype))
         if adapter:
-            import beamlora
-            beamlora.load_adapter(model, adapter)
-            beamlora.merge_lora(model)  # W0 + scaling * B A, computed in fp32: generation at the base's speed
+            import peft_io
+            peft_io.load_adapter(model, adapter)
+            peft_io.merge_lora(model)  # W0 + scaling * B A, computed in fp32: generation at the base's speed
             model.to(device)
     except (ValueError, OSError, KeyError) as e:  # model.CheckpointError is a ValueError
         raise EvalError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
@@ -595,7 +595,7 @@ def main(argv):
     with open(samples_path + ".tmp", "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
     os.replace(samples_path + ".tmp", samples_path)
-    from beamlora import atomic_json  # torch is loaded by now
+    from rundir import atomic_json  # torch is loaded by now
     atomic_json(summary, os.path.join(cfg["out"], f"{task}_summary.json"))
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}))
     return summary

@@ -11,6 +11,8 @@ size (max_r slots per module); slots that are not ranks have lambda = 0 exactly.
     add_slots        the initial ranks and the first reserve of every module
     IncreController  per-module importance |dW * dL/ddW| (hooks), its EMAs, growth, the new ranks' lr ramp;
                      penalty(): the orthogonality regulariser
+    rank, wrap, controller   --method=increlora (lora.py lists the hooks); init_r, ipt_beta1/2, orth_reg_weight and
+                     orth are adalora.py's settings
 """
 import math
 from functools import partial
@@ -20,6 +22,19 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import adalora
+from beamlora import Controller, due, event, lora_layers
+
+DORA = False  # PEFT has no IncreLoRA to test against
+
+# -----------------------------------------------------------------------------
+# IncreLoRA (docs/INCRELORA.md), with adalora.py's init_r, ipt_beta1/2, orth_reg_weight and orth
+max_r = 0  # slots per module: the most ranks one module can reach, its reserve included (0: 2r)
+incre_warmup = -1  # steps before the first addition (-1: a tenth of the steps)
+incre_interval = 0  # steps between additions (0: spread so that the budget is reached at two thirds of the steps)
+top_h = 10  # modules that grow at each addition
+incre_rank_num = 0  # ranks a chosen module gains, also the size of its reserve (0: r/2, the authors' rule)
+incre_lr_warmup = -1  # lr warmup of the new ranks (-1: as long as the main warmup; 0: none)
+# -----------------------------------------------------------------------------
 
 UNUSED, RESERVE, ACTIVE, DEAD = 0, 1, 2, 3  # slot states; DEAD: a reserve left when the budget was reached
 RESERVE_LAMBDA = 1e-5  # the reserve's fixed singular value (the authors' code)
@@ -66,15 +81,15 @@ def add_slots(modules, init_r, k):
     return modules
 
 
-class IncreController:
-    """Call step(t) after optimizer step t (t = 1 .. total). The importance is read by hooks during the
-    backward passes of each step and summed over micro-batches and (all-reduced) processes, so every
-    process takes the same decisions."""
+class IncreController(Controller):
+    """The importance is read by hooks during the backward passes of each step and summed over micro-batches and
+    (all-reduced) processes, so every process takes the same decisions."""
+    name, adam = "increlora", True
+    state = ("gen", "ema", "unc", "ramps", "prev")
 
     def __init__(self, modules, optimizer, budget, init_r, k, top_h, warmup, interval, lr_warmup, total_steps,
                  beta1=0.85, beta2=0.85, orth_weight=0.1, orth="code", seed=0):
-        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            raise ValueError(f"IncreLoRA resets AdamW's moments of new ranks; {type(optimizer).__name__} has none")
+        super().__init__(modules, optimizer)
         if not modules or any(not isinstance(m.gate, SlotGate) for m in modules.values()):
             raise ValueError("IncreController needs LoRALinear modules with a SlotGate (add_slots)")
         if not (k >= 1 and top_h >= 1 and warmup >= 0 and interval >= 1 and lr_warmup >= 0 and 0 < beta1 < 1
@@ -82,7 +97,7 @@ class IncreController:
             raise ValueError(f"increlora: bad incre_rank_num={k}, top_h={top_h}, incre_warmup={warmup}, "
                              f"incre_interval={interval}, incre_lr_warmup={lr_warmup}, ipt_beta1/2=({beta1}, {beta2}), "
                              f"orth_reg_weight={orth_weight} or orth={orth!r}")
-        self.modules, self.opt, self.names = dict(modules), optimizer, list(modules)
+        self.names = list(modules)
         if not init_r * len(self.names) <= budget <= sum(m.r for m in self.modules.values()):
             raise ValueError(f"increlora: the budget of {budget} ranks must lie between init_r x modules "
                              f"({init_r * len(self.names)}) and the slots of all modules (max_r x modules)")
@@ -157,13 +172,9 @@ class IncreController:
         if not self.handles:  # budget reached
             return None
         self.update_ipt()
-        if t > self.warmup and t % self.interval == 0:
+        if due(t, self.interval, after=self.warmup):
             return self.grow(t)
         return None
-
-    def moments(self, p):
-        st = self.opt.state.get(p, {})
-        return [st[k] for k in ("exp_avg", "exp_avg_sq") if k in st]
 
     @torch.no_grad()
     def restore_fixed(self):
@@ -173,7 +184,7 @@ class IncreController:
             E, state = m.gate.lora_E, m.gate.state
             fixed = state != ACTIVE
             E[fixed] = torch.where(state[fixed] == RESERVE, RESERVE_LAMBDA, 0.0).to(E.dtype)
-            for x in self.moments(E):
+            for x in self.moments(E, required=False):
                 x[fixed] = 0
 
     @torch.no_grad()
@@ -224,13 +235,12 @@ class IncreController:
             n = min(self.k, remaining, len(reserve))
             self.activate(name, m, reserve[:n], t)
             added[name], remaining = n, remaining - n
-        event = {"step": t, "kind": "grow", "added": added, "total_rank": self.total_rank(),
-                 "scores": dict(zip(self.names, scores.tolist()))}
+        total = self.total_rank()
         if remaining == 0:
             self.finish()
-        event["note"] = (f"{sum(added.values())} ranks added to {len(added)} modules, {event['total_rank']} of "
-                         f"{self.budget}" + (" (budget reached)" if remaining == 0 else ""))
-        return event
+        note = (f"{sum(added.values())} ranks added to {len(added)} modules, {total} of {self.budget}"
+                + (" (budget reached)" if remaining == 0 else ""))
+        return event(t, "grow", note, added=added, total_rank=total, scores=dict(zip(self.names, scores.tolist())))
 
     def activate(self, name, m, slots, t):
         m.gate.state[slots] = ACTIVE  # their lambda, 1e-5 so far, now trains
@@ -242,7 +252,7 @@ class IncreController:
             m.gate.lora_E[new] = RESERVE_LAMBDA
             m.gate.state[new] = RESERVE
             for p, idx in ((m.lora_A, (new,)), (m.lora_B, (slice(None), new)), (m.gate.lora_E, (new,))):
-                for x in self.moments(p):
+                for x in self.moments(p, required=False):
                     x[idx] = 0
             self.start_ramp(name, "AB", new, t)
 
@@ -285,23 +295,43 @@ class IncreController:
                 "interval": self.interval, "lr_warmup": self.lr_warmup, "total": self.total}
 
     def state_dict(self):
-        return {"config": self.config(), "gen": self.gen.get_state(), "ema": self.ema, "unc": self.unc,
-                "slots": {n: m.gate.state.cpu() for n, m in self.modules.items()},
-                "ranknum": {n: float(m.gate.ranknum) for n, m in self.modules.items()},
-                "ramps": self.ramps, "prev": self.prev, "reached": not self.handles}
+        return {**super().state_dict(), "slots": {n: m.gate.state.cpu() for n, m in self.modules.items()},
+                "ranknum": {n: float(m.gate.ranknum) for n, m in self.modules.items()}, "reached": not self.handles}
 
     @torch.no_grad()
     def load_state_dict(self, state):
-        if state["config"] != self.config():
-            raise ValueError(f"increlora: the checkpoint's schedule {state['config']} differs from this run's "
-                             f"{self.config()}")
-        self.gen.set_state(state["gen"])
-        self.ema, self.unc = state["ema"], state["unc"]
+        super().load_state_dict(state)
         for n, m in self.modules.items():
             m.gate.state.copy_(state["slots"][n])
             m.gate.ranknum.fill_(state["ranknum"][n])
-        dev = next(iter(self.modules.values())).lora_A.device
-        self.ramps = [tuple(r) for r in state["ramps"]]
-        self.prev = [[x.to(dev) for x in p] for p in state["prev"]]
+        self.ramps = [tuple(r) for r in self.ramps]
+        self.prev = [[x.to(self.device()) for x in p] for p in self.prev]
         if state["reached"]:
             self.detach()
+
+
+def ranks(cfg):
+    """(ranks each module starts with, ranks added at a time and held in reserve)"""
+    return cfg["init_r"] or max(1, cfg["r"] // 2), cfg["incre_rank_num"] or max(1, cfg["r"] // 2)
+
+
+def rank(cfg):
+    return cfg["max_r"] or 2 * cfg["r"]  # slots: the most a module can grow to, its reserve included
+
+
+def wrap(model, cfg):
+    return add_slots(lora_layers(model, cfg, rank(cfg)), *ranks(cfg))
+
+
+def controller(mods, optimizer, cfg, total):
+    """The additions spread so that the budget (r x modules) is reached at two thirds of the run."""
+    (init_r, k), budget = ranks(cfg), cfg["r"] * len(mods)
+    warmup = cfg["incre_warmup"] if cfg["incre_warmup"] >= 0 else total // 10
+    rounds = max(1, math.ceil((budget - init_r * len(mods)) / max(1, cfg["top_h"] * k)))
+    return IncreController(
+        mods, optimizer, budget, init_r, k, cfg["top_h"], warmup,
+        interval=cfg["incre_interval"] or max(1, (2 * total // 3 - warmup) // rounds),
+        lr_warmup=cfg["incre_lr_warmup"] if cfg["incre_lr_warmup"] >= 0 else
+        cfg["warmup_steps"] or math.ceil(cfg["warmup_ratio"] * total),
+        total_steps=total, beta1=cfg["ipt_beta1"], beta2=cfg["ipt_beta2"], orth_weight=cfg["orth_reg_weight"],
+        orth=cfg["orth"], seed=cfg["seed"])

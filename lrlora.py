@@ -8,15 +8,27 @@ full text, no code); docs/LRLORA.md has the equations and says which choices are
     wrap            r_max ranks per module with a RankMask each; --r is the budget (LoRA r's parameter count)
     RankController  T's annealing, the budget held by a price per parameter (a projection), the final hard ranks
     learned_rank    how many ranks a module keeps: those with m_i > 0.5, i.e. i + 0.5 < rho
+    rank, wrap, controller   --method=lrlora (lora.py lists the hooks)
 """
 import math
 
 import torch
 import torch.nn as nn
 
-import beamlora
+from beamlora import Controller, event, lora_layers
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# -----------------------------------------------------------------------------
+# LR-LoRA (lrlora.py, docs/LRLORA.md): --r is the budget, the mean rank in parameters (LoRA r's count)
+r_max = 0  # ranks allocated per module; each learns its rank in [0, r_max] (0: 2r)
+r_init = 0.0  # every module's rank rho at step 0 (0: r)
+rank_lr = 0.0  # rho's peak learning rate, in ranks per step (0: 4 r_max / hard_step); AdamW's own lr is far too slow
+rank_sample = True  # each step draws a nested 0/1 mask with P(rank i on) = m_i; False: the soft mask m itself
+temp_start = 1.0  # the mask's temperature T at step 0, in ranks; annealed geometrically to temp_end
+temp_end = 0.05  # at hard_step, where the mask becomes exactly 0/1 and the ranks freeze at the budget
+hard_step = 0  # (0: three quarters of the steps)
+# -----------------------------------------------------------------------------
 
 
 class RankMask(nn.Module):
@@ -76,15 +88,23 @@ def add_masks(modules, r, r_init, sampled=True):
     return modules
 
 
+def rank(cfg):
+    return cfg["r_max"] or 2 * cfg["r"]
+
+
 def wrap(model, cfg):
-    """train.py's --method=lrlora: r_max ranks per module (default 2r), the budget r, rho's own learning rate."""
-    r_max = cfg["r_max"] or 2 * cfg["r"]
-    mods = beamlora.apply_lora(model, cfg["targets"].split(","), r=r_max, alpha=cfg["alpha"], dropout=cfg["dropout"],
-                               rslora=cfg["rslora"], dtype=torch.float32)
-    return add_masks(mods, cfg["r"], cfg["r_init"] or cfg["r"], sampled=cfg["rank_sample"])
+    """r_max ranks per module (default 2r), the budget r, rho's own learning rate."""
+    return add_masks(lora_layers(model, cfg, rank(cfg)), cfg["r"], cfg["r_init"] or cfg["r"],
+                     sampled=cfg["rank_sample"])
 
 
-class RankController:
+def controller(mods, optimizer, cfg, total):
+    return RankController(mods, optimizer, budget_rank=cfg["r"], total_steps=total, lr=cfg["lr"],
+                          rank_lr=cfg["rank_lr"], temp_start=cfg["temp_start"], temp_end=cfg["temp_end"],
+                          hard_step=cfg["hard_step"], seed=cfg["seed"])
+
+
+class RankController(Controller):
     """Between steps (train.py's step hook). Until hard_step: the masks' temperature
     T(t) = temp_start (temp_end / temp_start)^(t / hard_step), fresh noise for the sampled masks, and after every
     optimizer step the budget: all rho shift by one price per parameter, rho_m <- clip(rho_m - p c_m / c_mean,
@@ -92,14 +112,16 @@ class RankController:
     (a projection onto the budget; docs/LRLORA.md section 2 says why, and what it costs). At hard_step the masks
     become exactly 0/1 and the ranks freeze, rounded to the budget. Everything depends only on replicated values
     and a seeded generator: DDP processes agree without communicating."""
+    name = "LR-LoRA"
+    state = ("price", "t", "gen")
 
     def __init__(self, modules, optimizer, budget_rank, total_steps, lr=None, rank_lr=0.0, temp_start=1.0,
                  temp_end=0.05, hard_step=0, seed=0):
+        super().__init__(modules, optimizer)
         if not modules or any(not isinstance(m.gate, RankMask) for m in modules.values()):
             raise ValueError("RankController needs LoRALinear modules with a RankMask gate (lrlora.add_masks)")
         if not 0 < temp_end <= temp_start:
             raise ValueError(f"temp_start={temp_start}, temp_end={temp_end}: need 0 < temp_end <= temp_start")
-        self.modules, self.opt = dict(modules), optimizer
         self.costs = {n: cost(m) for n, m in self.modules.items()}
         self.c_sum = sum(self.costs.values())
         self.budget_rank, self.budget = budget_rank, budget_rank * self.c_sum  # LoRA r's trainable parameters
@@ -129,7 +151,9 @@ class RankController:
         self.draw()
 
     def temperature(self, t):
-        return 0.0 if t >= self.hard_step else self.temp_start * (self.temp_end / self.temp_start) ** (t / self.hard_step)
+        if t >= self.hard_step:
+            return 0.0
+        return self.temp_start * (self.temp_end / self.temp_start) ** (t / self.hard_step)
 
     def set_step(self, t):
         # the masks of the coming step t + 1; hard from hard_step on
@@ -203,13 +227,11 @@ class RankController:
         moved = {n: k[n] - learned_rank(m) for n, m in self.modules.items() if k[n] != learned_rank(m)}
         for n, m in self.modules.items():
             m.gate.rho.fill_(k[n])
-            st = self.opt.state.get(m.gate.rho, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st:
-                    st[key].zero_()
-        return {"step": t, "kind": "ranks_frozen", "ranks": k, "params": P, "budget": self.budget, "rounding": moved,
-                "note": f"ranks frozen: {P:,} of a budget of {self.budget:,} parameters (mean rank "
-                        f"{P / self.c_sum:.2f}); {len(moved)} modules moved by rounding to the budget"}
+            for x in self.moments(m.gate.rho, required=False):
+                x.zero_()
+        return event(t, "ranks_frozen", f"ranks frozen: {P:,} of a budget of {self.budget:,} parameters (mean rank "
+                     f"{P / self.c_sum:.2f}); {len(moved)} modules moved by rounding to the budget",
+                     ranks=k, params=P, budget=self.budget, rounding=moved)
 
     def ranks(self):
         return {n: learned_rank(m) for n, m in self.modules.items()}
@@ -234,17 +256,13 @@ class RankController:
                                "rho": {n: m.gate.rho.item() for n, m in self.modules.items()}}}
 
     def state_dict(self):
-        return {"price": self.price, "t": self.t, "gen": self.gen.get_state(), "config": self.config(),
-                "noise": [m.gate.noise.item() for m in self.modules.values()]}
+        return {**super().state_dict(), "noise": [m.gate.noise.item() for m in self.modules.values()]}
 
     def config(self):
         return {"budget": self.budget, "total": self.total, "hard_step": self.hard_step, "temp_start": self.temp_start,
                 "temp_end": self.temp_end, "rank_lr": self.rank_lr}
 
     def load_state_dict(self, state):
-        if state["config"] != self.config():
-            raise ValueError(f"LR-LoRA schedule of the checkpoint {state['config']} differs from this run's {self.config()}")
-        self.price, self.t = state["price"], state["t"]
-        self.gen.set_state(state["gen"])
+        super().load_state_dict(state)
         self.set_step(self.t)
         self.set_noise(state["noise"])  # the draw made for the coming step, before the checkpoint

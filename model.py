@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import generate as generation  # for Transformer.generate only (generate.py imports nothing from here)
 # re-exported: the rest of the repo imports these from model
 from safetensors_io import CheckpointError, load_checkpoint_tensors, load_safetensors, save_safetensors  # noqa: F401
 
@@ -284,10 +283,6 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         x = self.model.norm(x)
         return self.lm_head(x) if head else x
-
-    def generate(self, prompts, max_new_tokens, **kwargs):
-        """generate.generate(self, ...), kept as a method for the callers that use it (bench/base_probe.py)."""
-        return generation.generate(self, prompts, max_new_tokens, **kwargs)
 
     # -------------------------------------------------------------------------
     # loading and saving HF checkpoints

@@ -8,16 +8,20 @@ the model is unchanged at step 0. PiSSA takes the r largest singular values, MiL
 
 The equations and every choice are in docs/PISSA.md.
 
-    init      the SVDs: one weight at a time, in fp32, on the weight's device, with progress lines
+    wrap      --method=pissa (milora.py: minor=True): LoRA layers, then the SVD initialisation
+    init      the SVDs: one weight at a time, in fp32, on the weight's device, with progress lines; A0, B0 kept in
+              the layer's lora_A0, lora_B0 seam, from which export writes a rank-2r LoRA for the original W0
+              (peft_io.peft_factors)
     residual  W0 <- W0 - scaling B0 A0: one function for init and resume, so both give the same bits
-    Init      the method's between-steps object: nothing happens between steps, but its state
-              (A0, B0 of every module) goes into ckpt.pt, so --resume rebuilds the residual from the
-              original checkpoint without another SVD; export uses A0, B0 to write a rank-2r LoRA
-              for the original W0 (beamlora.peft_factors)
+    Init      the method's controller: nothing happens between steps, but its state (A0, B0 of every module)
+              goes into ckpt.pt, so --resume rebuilds the residual from the original checkpoint without an SVD
 """
+import os
 import time
 
 import torch
+
+from beamlora import Controller, lora_layers
 
 
 @torch.no_grad()
@@ -57,31 +61,39 @@ def init(modules, minor=False, verbose=True):
     return modules
 
 
-class Init:
+def wrap(model, cfg, minor=False):
+    mods = lora_layers(model, cfg, cfg["r"])
+    if not cfg["resume"]:  # on resume Init.load_state_dict rebuilds W0 from ckpt.pt
+        init(mods, minor=minor, verbose=int(os.environ.get("RANK", 0)) == 0)
+    return mods
+
+
+def controller(mods, optimizer, cfg, total):
+    return Init(mods)
+
+
+class Init(Controller):
     """Keeps A0, B0 for the checkpoint; step() does nothing."""
-
-    def __init__(self, modules):
-        self.modules = dict(modules)
-
-    def step(self, t):
-        return None
+    name = "PiSSA/MiLoRA"
 
     def state_dict(self):
-        return {"A0": {n: m.lora_A0 for n, m in self.modules.items()},
+        return {**super().state_dict(), "A0": {n: m.lora_A0 for n, m in self.modules.items()},
                 "B0": {n: m.lora_B0 for n, m in self.modules.items()}}
 
     @torch.no_grad()
     def load_state_dict(self, state):
-        """On resume: the model holds the original W0 (train.wrap skips the SVD then); take A0, B0 from
-        the checkpoint and subtract them exactly as init did."""
+        """On resume: the model holds the original W0 (wrap skips the SVD then); take A0, B0 from the
+        checkpoint and subtract them exactly as init did."""
         if not isinstance(state, dict) or not {"A0", "B0"} <= set(state):
             raise ValueError("the checkpoint holds no PiSSA/MiLoRA initial adapters (A0, B0): "
                              "was it written with another --method?")
+        super().load_state_dict(state)
         if set(state["A0"]) != set(self.modules) or set(state["B0"]) != set(self.modules):
             raise ValueError("the checkpoint's PiSSA/MiLoRA initial adapters are for other modules than this run's")
         for n, m in self.modules.items():
             A0, B0 = state["A0"][n].float().cpu(), state["B0"][n].float().cpu()
             if A0.shape != m.lora_A.shape or B0.shape != m.lora_B.shape:
-                raise ValueError(f"{n}: the checkpoint's initial adapter has shapes {tuple(A0.shape)}, {tuple(B0.shape)}")
+                raise ValueError(f"{n}: the checkpoint's initial adapter has shapes {tuple(A0.shape)}, "
+                                 f"{tuple(B0.shape)}")
             m.lora_A0, m.lora_B0 = A0, B0
             residual(m)

@@ -10,13 +10,31 @@ sum of the cycles' updates is not low rank, so the result ships as merged weight
     prune_magnitude_ zero the smallest |x| of a tensor (the authors' magnitude_pruning_); joint: an entry keeps
                     both moments or neither
     save_base        the frozen weights as they stand (W0 + every merged cycle) as an HF checkpoint
+    controller, export   --method=relora (lora.py lists the hooks): the result is merged/, with merged_base/ and the
+                    last cycle's adapter/ on it
 """
 import math
+import os
+import shutil
 
 import torch
 import torch.nn as nn
 
+import peft_io
 import beamlora
+import lora
+from beamlora import Controller, due, event
+
+SHIPS = "merged"  # the cycles' sum is not low rank
+DORA = False  # PEFT has no ReLoRA to test against
+
+# -----------------------------------------------------------------------------
+# ReLoRA (docs/RELORA.md)
+relora_steps = 0  # steps per cycle: merge, re-initialise, prune the moments, restart the lr (0: a quarter of the steps)
+relora_warmup = 0  # steps of the lr warmup after each restart (0: min(50, relora_steps // 10), at least 1)
+relora_prune = 0.99  # fraction of each AdamW moment tensor of A and B zeroed at a restart, smallest magnitudes first
+relora_joint = True  # an entry keeps both moments or neither (False: each tensor on its own, the authors' code)
+# -----------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -30,20 +48,19 @@ def prune_magnitude_(x, ratio):
     x.mul_(x.abs().float() > threshold)
 
 
-class ReLoController:
-    """Call step(t) after optimizer step t (t = 1 .. total). Merges at t = N, 2N, ... before the last
-    step; lr_factor(t) scales the learning rate of step t + 1. Every process merges the same
-    (replicated) adapter and draws A from the same seeded generator, so processes agree."""
+class ReLoController(Controller):
+    """Merges at t = N, 2N, ... before the last step; lr_factor(t) scales the learning rate of step t + 1. Every
+    process merges the same (replicated) adapter and draws A from the same seeded generator, so processes agree."""
+    name, adam = "relora", True
+    state = ("gen", "merges")
 
     def __init__(self, modules, optimizer, steps, warmup, prune, total_steps, seed=0, joint=True):
-        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            raise ValueError(f"ReLoRA prunes AdamW's exp_avg/exp_avg_sq; {type(optimizer).__name__} has none")
+        super().__init__(modules, optimizer)
         if not modules or any(m.gate is not None for m in modules.values()):
             raise ValueError("ReLoController needs plain LoRALinear modules (no gate)")
         if steps < 1 or not 0 <= warmup <= steps or not 0 <= prune < 1:
             raise ValueError(f"relora: relora_steps={steps} must be >= 1, relora_warmup={warmup} between 0 and "
                              f"relora_steps, relora_prune={prune} in [0, 1)")
-        self.modules, self.opt = dict(modules), optimizer
         self.steps, self.warmup, self.prune, self.total = steps, warmup, prune, total_steps
         self.joint = joint  # an entry keeps its moments only if both survive (docs/RELORA.md section 2)
         self.gen = torch.Generator().manual_seed(seed)  # the new A's, drawn on the cpu
@@ -57,13 +74,13 @@ class ReLoController:
 
     @torch.no_grad()
     def step(self, t):
-        if t % self.steps or t >= self.total:  # no restart after the last step: its adapter is exported
+        if not due(t, self.steps, before=self.total):  # no restart after the last step: its adapter is exported
             return None
         zeroed, n = 0, 0
         for m in self.modules.values():
             self.merge_and_reinit(m)
             for p in (m.lora_A, m.lora_B):
-                state = [self.opt.state[p][k] for k in ("exp_avg", "exp_avg_sq") if k in self.opt.state.get(p, {})]
+                state = self.moments(p, required=False)
                 for x in state:
                     prune_magnitude_(x, self.prune)
                 if self.joint and len(state) == 2:
@@ -76,9 +93,8 @@ class ReLoController:
                     zeroed, n = zeroed + int((x == 0).sum()), n + x.numel()
         self.merges += 1
         frac = zeroed / max(n, 1)
-        return {"step": t, "kind": "merge", "cycle": self.merges, "moments_zeroed": frac,
-                "note": f"merged cycle {self.merges} into the weights, A re-drawn, B = 0, "
-                        f"{100 * frac:.1f}% of the adapter's AdamW moments zeroed"}
+        return event(t, "merge", f"merged cycle {self.merges} into the weights, A re-drawn, B = 0, "
+                     f"{100 * frac:.1f}% of the adapter's AdamW moments zeroed", cycle=self.merges, moments_zeroed=frac)
 
     def merge_and_reinit(self, m):
         # W <- W + scaling B A, summed in fp32 and rounded once to the weights' dtype
@@ -92,20 +108,17 @@ class ReLoController:
         return {"cycle": self.merges + 1}
 
     def config(self):
-        return {"steps": self.steps, "warmup": self.warmup, "prune": self.prune, "total": self.total, "joint": self.joint}
+        return {"steps": self.steps, "warmup": self.warmup, "prune": self.prune, "total": self.total,
+                "joint": self.joint}
 
     def state_dict(self):
         # the merged frozen weights are part of the state: the base's files hold W0 only
         weights = {n: m.weight for n, m in self.modules.items()} if self.merges else None
-        return {"config": self.config(), "gen": self.gen.get_state(), "merges": self.merges, "weights": weights}
+        return {**super().state_dict(), "weights": weights}
 
     @torch.no_grad()
     def load_state_dict(self, state):
-        if state["config"] != self.config():
-            raise ValueError(f"relora: the checkpoint's schedule {state['config']} differs from this run's "
-                             f"{self.config()}")
-        self.gen.set_state(state["gen"])
-        self.merges = state["merges"]
+        super().load_state_dict(state)
         for name, w in (state["weights"] or {}).items():
             self.modules[name].weight.copy_(w)
 
@@ -125,3 +138,19 @@ def save_base(model, out_dir):
         for name, m in mods.items():
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, m)
+
+
+def controller(mods, optimizer, cfg, total):
+    steps = cfg["relora_steps"] or max(1, total // 4)
+    warmup = cfg["relora_warmup"] or max(1, min(50, steps // 10))
+    return ReLoController(mods, optimizer, steps, warmup, cfg["relora_prune"], total, seed=cfg["seed"],
+                          joint=cfg["relora_joint"])
+
+
+def export(model, controller, cfg, tokenizer_path):
+    """merged/ (the result), merged_base/ (W0 + every cycle but the last) and adapter/ (the last cycle, on it)."""
+    out, base_dir = cfg["out_dir"], os.path.join(cfg["out_dir"], "merged_base")
+    save_base(model, base_dir)
+    shutil.copy(tokenizer_path, os.path.join(base_dir, "tokenizer.model"))
+    peft_io.export_peft(model, os.path.join(out, "adapter"), base_dir, cfg["export_rank"])
+    lora.save_model(model, tokenizer_path, os.path.join(out, "merged"), merge=True)

@@ -5,7 +5,7 @@ list that may change, and the content of every input file) and cuts the records 
 so a killed and resumed run ends with the same files as one never killed.
 
     ck, records = check_out_dir(cfg, defaults, may_change, prints)   # reads and checks, writes nothing
-    load_state(ck, ckpt_path, model, optimizer, scaler, controller)  # the same, into this run's objects
+    step, losses = load_state(ck, ckpt_path, model, optimizer, scaler, controller)  # into this run's objects
     start_writing(cfg, records)                                      # the run's first write
 
 The records (events.jsonl, log.jsonl, scores.jsonl) get their rows of step t before the checkpoint of
@@ -32,6 +32,14 @@ def atomic_save(obj, path, tmp=None):
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_json(obj, path):
+    # the same for a JSON record beside the checkpoint (LR-LoRA's ranks.json, an adapter's config)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
 
@@ -128,8 +136,9 @@ def check_out_dir(cfg, defaults, may_change, prints):
     return ck, read_records(out, ck["step"])
 
 
-def load_state(ck, path, model, optimizer, scaler, controller):
-    """The checkpoint's trained tensors, optimizer, scaler and controller state into this run's objects."""
+def load_state(ck, path, model, optimizer, scaler, controller, cuda=False):
+    """The checkpoint's trained tensors, optimizer, scaler, controller state and random state (cuda: the GPU's too)
+    into this run's objects. -> (its step, the losses of its steps since the last log row)"""
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = ck["params"]
     if saved.keys() != trained.keys() or any(saved[n].shape != p.shape for n, p in trained.items()):
@@ -141,11 +150,14 @@ def load_state(ck, path, model, optimizer, scaler, controller):
             p.data.copy_(saved[n])
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        if controller is not None:
-            controller.load_state_dict(ck["controller"])
+        controller.load_state_dict(ck.get("controller", {}))  # none in a checkpoint of a method without state
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError(f"{path}: does not fit this run ({type(e).__name__}: {first})") from None
+    torch.set_rng_state(ck["rng_cpu"])
+    if cuda and "rng_cuda" in ck:
+        torch.cuda.set_rng_state(ck["rng_cuda"])
+    return ck["step"], list(ck.get("log_losses", []))
 
 
 def write_synced(path, data):

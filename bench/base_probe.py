@@ -47,6 +47,7 @@ def main(argv):
     if not cfg["model"]:
         raise ConfigError("--model: give the base's checkpoint dir")
     import eval as eval_lib
+    from generate import generate
     model, tok, _ = eval_lib.load_model(cfg["model"], cfg["adapter"], device="cpu")
     rows = []
     for n, row in eval_lib.read_jsonl(cfg["data"]):  # eval.py's reader: UTF-8, JSON objects, blank lines skipped
@@ -57,7 +58,7 @@ def main(argv):
     n_done = 0
     for i in range(0, len(rows), cfg["batch_size"]):
         batch = rows[i:i + cfg["batch_size"]]
-        outs = model.generate([tok.encode(r["question"] + "\n", bos=True) for r in batch], cfg["max_new_tokens"])
+        outs = generate(model, [tok.encode(r["question"] + "\n", bos=True) for r in batch], cfg["max_new_tokens"])
         n_done += sum(done(tok.decode(o), r["answer"]) for o, r in zip(outs, batch))
     print(f"{cfg['model']}: {n_done} of {len(rows)} held-out problems finished right in the pretraining format "
           f"({100 * n_done / len(rows):.1f}%)")

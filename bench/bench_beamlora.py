@@ -25,6 +25,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import beamlora  # noqa: E402
+import rundir
 from configurator import ConfigError, cli, parse_args  # noqa: E402
 
 DEFAULTS = dict(
@@ -269,7 +270,7 @@ def main(argv):
                   + operate_table(result["operate"]))
     print("\n\n".join(md))
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out_json"])), exist_ok=True)
-    beamlora.atomic_json(result, cfg["out_json"])
+    rundir.atomic_json(result, cfg["out_json"])
     print(f"\nwrote {cfg['out_json']}")
     return result
 

@@ -16,7 +16,6 @@ row-steps, so any change in the order of a sum (another attention kernel, a fuse
 and the rows go separate ways from there. The bf16 rows' agreement is reported, and then the tokens again in
 fp32 (check_tokens per row, each side once), where identical tokens are the test of the arithmetic.
 """
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import beamlora  # noqa: E402
+import rundir
 from configurator import ConfigError, parse_args  # noqa: E402
 from generate import decode_step, generate  # noqa: E402
 
@@ -192,7 +191,7 @@ def main(argv):
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         result["markdown"] = markdown(result, cfg, name)
-        beamlora.atomic_json(result, cfg["out_json"])  # the timings survive a kill during the check
+        rundir.atomic_json(result, cfg["out_json"])  # the timings survive a kill during the check
     print("\n" + result["markdown"])
     return result
 

@@ -27,7 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import beamlora  # noqa: E402
+import rundir
 import dataset  # noqa: E402
 import train  # noqa: E402
 from configurator import cli, parse_args  # noqa: E402
@@ -146,7 +146,7 @@ def main(argv):
     print(f"step time: {cfg['small']:,} examples {small:.2f} ms, {cfg['large']:,} examples {large:.2f} ms: "
           f"the larger dataset adds {large - small:+.2f} ms per step (aim: at most 5)")
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out_json"])), exist_ok=True)
-    beamlora.atomic_json(result, cfg["out_json"])
+    rundir.atomic_json(result, cfg["out_json"])
     return result
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import beamlora  # noqa: E402
+import rundir
 from configurator import ConfigError, cli, parse_args  # noqa: E402
 from measure import print_result, run_child  # noqa: E402
 
@@ -118,7 +118,7 @@ def main(argv):
                        f"{b['s']:.3f} s ({out['time_ratio']:.3f}x)")
     print(out["markdown"])
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out_json"])), exist_ok=True)
-    beamlora.atomic_json(out, cfg["out_json"])
+    rundir.atomic_json(out, cfg["out_json"])
     return out
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import beamlora  # noqa: E402
+import rundir
 import train  # noqa: E402
 from bench_train import SHAPES, make_batch, write_checkpoint  # noqa: E402
 from configurator import ConfigError, cli, parse_args  # noqa: E402
@@ -91,8 +91,7 @@ class Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = train.make_optimizer(self.params, self.cfg)
         self.ctl = train.make_controller(mods, self.opt, self.cfg, total=10**6)
-        self.penalty = getattr(self.ctl, "penalty", None)
-        self.lr_factor = getattr(self.ctl, "lr_factor", lambda t: 1.0)
+        self.penalty, self.lr_factor = self.ctl.penalty, self.ctl.lr_factor
         self.events = 0
 
     def peft_run(self, method, spec, path):
@@ -106,19 +105,21 @@ class Run:
         self.cfg = dict(train.DEFAULTS, lr=spec["lr"])
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = train.make_optimizer(self.params, self.cfg)
-        self.ctl, self.penalty, self.lr_factor, self.events = None, None, lambda t: 1.0, 0
+        self.ctl = train.beamlora.Controller()  # does nothing: both sides take the same calls
+        self.penalty, self.lr_factor, self.events = self.ctl.penalty, self.ctl.lr_factor, 0
 
     def step(self, x, y, n_tgt):
         for g in self.opt.param_groups:
             g["lr"] = self.cfg["lr"] * self.lr_factor(self.t) * g.get("lr_scale", 1.0)  # as train.py
         logits = self.model(input_ids=x, use_cache=False).logits if self.hf else self.model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-        obj = loss / n_tgt + (self.penalty() if self.penalty is not None else 0)
+        pen = self.penalty()
+        obj = loss / n_tgt + (pen if pen is not None else 0)
         obj.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.t += 1
-        if self.ctl is not None and self.ctl.step(self.t) is not None:
+        if self.ctl.step(self.t) is not None:
             self.events += 1
         self.opt.zero_grad(set_to_none=True)
         return loss.item() / n_tgt
@@ -208,7 +209,7 @@ def main(argv):
           f"{cfg['block']} steps:\n\n" + table(rows, methods))
     print("\n" + md)
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out_json"])), exist_ok=True)
-    beamlora.atomic_json({"config": cfg, "torch": torch.__version__, "shapes": rows}, cfg["out_json"])
+    rundir.atomic_json({"config": cfg, "torch": torch.__version__, "shapes": rows}, cfg["out_json"])
     print(f"\nwrote {cfg['out_json']}")
     return {"shapes": rows, "markdown": md}
 

@@ -45,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import beamlora  # noqa: E402
+import rundir
 from configurator import ConfigError, cli, parse_args  # noqa: E402
 from measure import peak_rss, print_result, reset_peak_rss, run_child_spec, timed  # noqa: E402
 
@@ -160,9 +161,9 @@ class Run:
         cuda = self.device.startswith("cuda")
         self.opt = train.make_optimizer(self.params, self.cfg, fused=cuda)
         self.ctx = torch.autocast("cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32)
-        self.ctl = None if self.hf else train.make_controller(mods, self.opt, self.cfg, total=10**6)
-        self.penalty = getattr(self.ctl, "penalty", None)
-        self.lr_factor = getattr(self.ctl, "lr_factor", lambda t: 1.0)
+        # PEFT's side: the controller that does nothing, so both sides take the same calls
+        self.ctl = beamlora.Controller() if self.hf else train.make_controller(mods, self.opt, self.cfg, total=10**6)
+        self.penalty, self.lr_factor = self.ctl.penalty, self.ctl.lr_factor
 
     def adapters(self):
         """{our module name: (A, B)} of this model's LoRA layers."""
@@ -180,12 +181,13 @@ class Run:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
             else:
                 loss = self.model(x, targets=y)  # train.py's loss: summed, chunk by chunk, no full logits held
-        obj = loss / n_tgt + (self.penalty() if self.penalty is not None else 0)
+        pen = self.penalty()
+        obj = loss / n_tgt + (pen if pen is not None else 0)
         obj.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.t += 1
-        if self.ctl is not None and self.ctl.step(self.t) is not None:  # before zero_grad, as train.py
+        if self.ctl.step(self.t) is not None:  # before zero_grad, as train.py
             self.ops += 1
         self.opt.zero_grad(set_to_none=True)
         return loss.item() / n_tgt
@@ -410,7 +412,7 @@ def gpu_recipe(cfg, out_json):
         x = out["results"][c] = res[c]
         print(f"{c}: {x['tok_s']:,.0f} tokens/s, MFU {pct(x['mfu'])}, peak {x['peak_mem'] / 2**30:.2f} GiB, "
               f"{x['ops']} operation(s) in {steps} steps", flush=True)
-        beamlora.atomic_json({"partial": True, "gpu_recipe": out}, out_json)  # what is done survives a kill
+        rundir.atomic_json({"partial": True, "gpu_recipe": out}, out_json)  # what is done survives a kill
     m = shape["model"]
     md = (f"{'tiny' if cfg['tiny'] else 'Llama-2-7B'} shape (hidden {m['hidden_size']}, "
           f"{m['num_hidden_layers']} layers), "
@@ -469,7 +471,7 @@ def main(argv):
                       profile_table(row["profile"])
     print("\n" + md)
     result["markdown"] = md
-    beamlora.atomic_json(result, out_json)
+    rundir.atomic_json(result, out_json)
     print(f"\nwrote {out_json}")
     return result
 

@@ -53,7 +53,7 @@ def deciles_over_steps(rows, key):
 
 def final_importance(run, key):
     """{module: (r,) importance} at the end of the run: scores from ckpt.pt, norms from the adapter."""
-    import beamlora
+    import peft_io
     from model import load_safetensors
     if key == "score":
         ck = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True)
@@ -66,7 +66,7 @@ def final_importance(run, key):
     for k, a in ad.items():
         if k.endswith(".lora_A.weight"):
             name = k[len("base_model.model."):-len(".lora_A.weight")]
-            b = ad[beamlora.peft_key(name, "lora_B")]
+            b = ad[peft_io.peft_key(name, "lora_B")]
             out[name] = b.float().norm(dim=0) * a.float().norm(dim=1)  # ||b_i a_i||_F = ||b_i|| ||a_i||
     return out
 

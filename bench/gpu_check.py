@@ -213,7 +213,7 @@ def aims(report):
 
 
 def write(report, out):
-    from beamlora import atomic_json
+    from rundir import atomic_json
     report["aims"] = aims(report)
     atomic_json(report, os.path.join(out, "gpu_check.json"))
     md = summarize(report)

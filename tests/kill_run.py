@@ -18,7 +18,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-import beamlora  # noqa: E402
+
+import peft_io
 import train  # noqa: E402
 
 where, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -69,7 +70,7 @@ def save_safetensors(tensors, path, metadata=None):
     real_save_safetensors(tensors, path, metadata)
 
 
-real_save_safetensors = beamlora.save_safetensors
+real_save_safetensors = peft_io.save_safetensors
 train.append_jsonl, torch.save, train.atomic_save = append_jsonl, save, atomic_save
-beamlora.save_safetensors = save_safetensors
+peft_io.save_safetensors = save_safetensors
 train.main(argv)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import adalora
-import beamlora
+import peft_io
 import dataset
 import train
 from model import Transformer
@@ -127,7 +127,7 @@ def test_matches_peft_adalora(base, demo_data, tmp_path):
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(ck[n])
-    beamlora.export_peft(model, str(tmp_path / "padded"), base, uniform_rank=5)
+    peft_io.export_peft(model, str(tmp_path / "padded"), base, uniform_rank=5)
     for adapter in ("ours/adapter", "padded"):
         lora = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
                                               str(tmp_path / adapter))

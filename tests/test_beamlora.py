@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import peft_io
+
 import beamlora
 from beamlora import BeamController, LoRALinear, apply_lora, select_ranks, threshold
 
@@ -423,7 +425,7 @@ def test_export_loads_in_peft_and_merge_loads_everywhere(tmp_path):
     with torch.no_grad():
         want = ours(x)
         assert (want - Transformer.from_pretrained(base)(x)).abs().max() > 1e-3  # the adapter matters
-    beamlora.export_peft(ours, str(tmp_path / "adapter"), base)
+    peft_io.export_peft(ours, str(tmp_path / "adapter"), base)
     cfg = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 8 and cfg["lora_alpha"] == 16
     assert sorted(cfg["target_modules"]) == sorted(beamlora.TARGETS)
@@ -432,11 +434,11 @@ def test_export_loads_in_peft_and_merge_loads_everywhere(tmp_path):
     with torch.no_grad():
         assert (pm(x).logits - want).abs().max() <= 1e-4
     # our loader reads the same adapter back (scores folded: a plain LoRA)
-    again = beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "adapter"))
+    again = peft_io.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "adapter"))
     with torch.no_grad():
         assert (again(x) - want).abs().max() <= 1e-4
     # merged checkpoint: our model and transformers agree with the adapter model
-    beamlora.merge_lora(ours)
+    peft_io.merge_lora(ours)
     assert not beamlora.lora_modules(ours) and set(ours.state_dict()) == set(Transformer.from_pretrained(base).state_dict())
     ours.save_pretrained(str(tmp_path / "merged"))
     with torch.no_grad():
@@ -458,7 +460,7 @@ def test_load_adapter_saved_by_peft(tmp_path):
                 p.normal_(std=0.1)
     pm.save_pretrained(str(tmp_path / "peft_adapter"))
     pm.eval()
-    ours = beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "peft_adapter"))
+    ours = peft_io.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "peft_adapter"))
     assert len(beamlora.lora_modules(ours)) == 6
     x = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -471,15 +473,15 @@ def test_load_adapter_bad_dirs(tmp_path):
     from model import Transformer
     base = hf_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="adapter_config.json: not found"):
-        beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path))
+        peft_io.load_adapter(Transformer.from_pretrained(base), str(tmp_path))
     ours = Transformer.from_pretrained(base)
     apply_lora(ours, ["q_proj"], r=4, alpha=8)
-    beamlora.export_peft(ours, str(tmp_path / "ad"), base)
+    peft_io.export_peft(ours, str(tmp_path / "ad"), base)
     cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
     cfg["r"] = 2
     json.dump(cfg, open(tmp_path / "ad" / "adapter_config.json", "w"))
     with pytest.raises(ValueError, match="expected \\(2, 64\\)"):
-        beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))
+        peft_io.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))
 
 
 class FixedScale(nn.Module):
@@ -507,7 +509,7 @@ def test_export_drops_zero_ranks_with_rank_pattern_and_pads(tmp_path):
     x = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ours(x)
-    beamlora.export_peft(ours, str(tmp_path / "ad"), base)
+    peft_io.export_peft(ours, str(tmp_path / "ad"), base)
     cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
     assert cfg["r"] == 6 and cfg["rank_pattern"] == {"model.layers.0.self_attn.v_proj": 4,
                                                      "model.layers.0.mlp.up_proj": 2,
@@ -515,19 +517,19 @@ def test_export_drops_zero_ranks_with_rank_pattern_and_pads(tmp_path):
                                                      "model.layers.1.self_attn.v_proj": 3}
     pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "ad")).eval()
     assert pm.base_model.model.model.layers[0].mlp.up_proj.lora_A["default"].weight.shape == (2, 64)
-    again = beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))
+    again = peft_io.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))
     with torch.no_grad():
         assert (pm(x).logits - want).abs().max() <= 1e-5 * want.abs().max()
         assert (again(x) - want).abs().max() <= 1e-5 * want.abs().max()
     # one uniform rank, zero-padded
-    beamlora.export_peft(ours, str(tmp_path / "pad"), base, uniform_rank=8)
+    peft_io.export_peft(ours, str(tmp_path / "pad"), base, uniform_rank=8)
     cfg = json.load(open(tmp_path / "pad" / "adapter_config.json"))
     assert cfg["r"] == 8 and cfg["rank_pattern"] == {}
     pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "pad")).eval()
     with torch.no_grad():
         assert (pm(x).logits - want).abs().max() <= 1e-5 * want.abs().max()
     with pytest.raises(ValueError, match="rank=3"):
-        beamlora.export_peft(ours, str(tmp_path / "small"), base, uniform_rank=3)
+        peft_io.export_peft(ours, str(tmp_path / "small"), base, uniform_rank=3)
 
 
 def test_rslora_scaling_exports_and_loads(tmp_path):
@@ -538,14 +540,14 @@ def test_rslora_scaling_exports_and_loads(tmp_path):
     mods = apply_lora(ours, ["k_proj", "down_proj"], r=4, alpha=8, rslora=True)
     assert all(m.scaling == 8 / 2 for m in mods.values())  # alpha / sqrt(r)
     trained_like(ours)
-    beamlora.export_peft(ours, str(tmp_path / "ad"), base)
+    peft_io.export_peft(ours, str(tmp_path / "ad"), base)
     assert json.load(open(tmp_path / "ad" / "adapter_config.json"))["use_rslora"] is True
     x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
     pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "ad")).eval()
     with torch.no_grad():
         want = ours(x)
         assert (pm(x).logits - want).abs().max() <= 1e-5 * want.abs().max()
-        assert (beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))(x) - want).abs().max() \
+        assert (peft_io.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))(x) - want).abs().max() \
             <= 1e-5 * want.abs().max()
 
 
@@ -562,7 +564,7 @@ def test_load_peft_adapter_with_rank_and_alpha_patterns(tmp_path):
             if "lora_B" in n:
                 p.normal_(std=0.1)
     pm.save_pretrained(str(tmp_path / "pp"))
-    ours = beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "pp"))
+    ours = peft_io.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "pp"))
     mods = beamlora.lora_modules(ours)
     assert mods["model.layers.1.self_attn.q_proj"].r == 6 and mods["model.layers.0.self_attn.o_proj"].r == 2
     assert mods["model.layers.0.mlp.gate_proj"].scaling == 3 / 4
@@ -580,10 +582,10 @@ def test_load_adapter_bad_config_values(tmp_path, change, message):
     base = hf_checkpoint(tmp_path)
     ours = Transformer.from_pretrained(base)
     apply_lora(ours, ["q_proj"], r=4, alpha=8)
-    beamlora.export_peft(ours, str(tmp_path / "ad"), base)
+    peft_io.export_peft(ours, str(tmp_path / "ad"), base)
     cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
     cfg.update(change)
     cfg = {k: v for k, v in cfg.items() if v is not None}
     json.dump(cfg, open(tmp_path / "ad" / "adapter_config.json", "w"))
     with pytest.raises(ValueError, match=message):
-        beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))
+        peft_io.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "ad"))

@@ -28,7 +28,7 @@ def options(script):
     module = load(script)
     if not hasattr(module, "DEFAULTS"):  # the download scripts share data/common.py's options
         module = module.common
-    return module.__file__, module.DEFAULTS
+    return getattr(module, "DOC_FILES", module.__file__), module.DEFAULTS  # train.py: its own and its methods'
 
 
 def test_every_script_is_covered():
@@ -79,3 +79,15 @@ def test_documented_reads_comments_not_strings(tmp_path):
         (["group three"], "e", "e"), ([], "d", "")]
     text = configurator.help_text(str(src), defaults)
     assert text.startswith("doc\n") and "--a=x # not a comment" in text and "# group one\n# second line\n  --a=" in text
+
+
+def test_method_settings_listed_under_their_method():
+    """A method's settings are declared in its own module and --help shows them under its heading there."""
+    import train
+    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    text = p.stdout
+    for module, key in (("beamlora", "tau"), ("adalora", "deltaT"), ("increlora", "top_h"), ("relora", "relora_steps"),
+                        ("lrlora", "r_max")):
+        assert key in train.method_settings(train.METHODS[module]) and key not in vars(train)
+        heading = text.rfind("\n# ", 0, text.index(f"  --{key}="))
+        assert module in text[heading:text.index("\n", heading + 1)].lower().replace("-", ""), key

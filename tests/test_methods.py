@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import peft_io
+
 import beamlora
 import dora
-import pissa
 import train
 from model import Transformer
 
@@ -129,10 +130,10 @@ def check_exports(base, ours, tmp_path, x=None):
     with torch.no_grad():
         want = ours(x)
         assert not close(want, Transformer.from_pretrained(base)(x), 1e-3)  # the adapter matters
-    beamlora.export_peft(ours, str(tmp_path / "adapter"), base)
+    peft_io.export_peft(ours, str(tmp_path / "adapter"), base)
     hf = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "adapter")).eval()
-    again = beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "adapter"))
-    beamlora.merge_lora(ours)
+    again = peft_io.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "adapter"))
+    peft_io.merge_lora(ours)
     ours.save_pretrained(str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     with torch.no_grad():
@@ -140,7 +141,7 @@ def check_exports(base, ours, tmp_path, x=None):
         assert close(again(x), want)
         assert close(merged(x).logits, want)
         # eval.py's path: load_adapter, then merge (DoRA's rescaling folded into W)
-        assert close(beamlora.merge_lora(again)(x), want)
+        assert close(peft_io.merge_lora(again)(x), want)
     return json.load(open(tmp_path / "adapter" / "adapter_config.json"))
 
 
@@ -196,7 +197,7 @@ def test_dora_adapter_saved_by_peft_loads_in_ours(base, tmp_path):
             if "lora_B" in n or "magnitude" in n:
                 p.add_(torch.randn_like(p) * 0.1)
     pm.save_pretrained(str(tmp_path / "peft_dora"))
-    ours = beamlora.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "peft_dora"))
+    ours = peft_io.load_adapter(Transformer.from_pretrained(base), str(tmp_path / "peft_dora"))
     assert all(m.lora_magnitude_vector is not None for m in beamlora.lora_modules(ours).values())
     x = batch(2)[0]
     with torch.no_grad():
@@ -290,9 +291,9 @@ def test_pissa_export_equals_peft_conversion(base, tmp_path):
             b.add_(torch.randn_like(b) * 0.05)
             a.copy_(b)
     pm.save_pretrained(str(tmp_path / "peft"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
-    beamlora.export_peft(ours, str(tmp_path / "ours"), base)
-    theirs = beamlora.load_safetensors(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    mine = beamlora.load_safetensors(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    peft_io.export_peft(ours, str(tmp_path / "ours"), base)
+    theirs = peft_io.load_safetensors(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    mine = peft_io.load_safetensors(str(tmp_path / "ours" / "adapter_model.safetensors"))
     assert theirs.keys() == mine.keys() and all(close(mine[k], theirs[k]) for k in mine)
     ct, cm = (json.load(open(tmp_path / d / "adapter_config.json")) for d in ("peft", "ours"))
     assert (cm["r"], cm["lora_alpha"], cm["use_rslora"]) == (ct["r"], ct["lora_alpha"], ct["use_rslora"])

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import peft_io
+
 import beamlora
 import relora
 import train
@@ -127,7 +129,7 @@ def test_end_to_end_exports_and_schedule(base, demo_data, tmp_path):
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged_base"))
     on_base = peft.PeftModel.from_pretrained(hf_base, str(tmp_path / "adapter"))
-    ours = beamlora.load_adapter(Transformer.from_pretrained(str(tmp_path / "merged_base")), str(tmp_path / "adapter"))
+    ours = peft_io.load_adapter(Transformer.from_pretrained(str(tmp_path / "merged_base")), str(tmp_path / "adapter"))
     with torch.no_grad():
         ref = merged.eval()(x).logits
         for got in (on_base.eval()(x).logits, ours(x)):

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+import peft_io
+
 import beamlora
 import eval as ev
 import sample
@@ -34,7 +36,7 @@ def adapter(base, tmp_path_factory):
         for mod in beamlora.lora_modules(m).values():
             mod.lora_B.normal_(std=0.5)
     path = str(tmp_path_factory.mktemp("adapter"))
-    beamlora.export_peft(m, path, base)
+    peft_io.export_peft(m, path, base)
     return path
 
 
@@ -76,7 +78,7 @@ def test_adapter_equals_eval(base, demo_data, adapter, tmp_path):
                        "--max_new_tokens=16"], io.StringIO())
     assert got == want
     # a merged checkpoint (train.py --save_merged writes the same) gives the same outputs
-    beamlora.merge_lora(beamlora.load_adapter(Transformer.from_pretrained(base), adapter)).save_pretrained(
+    peft_io.merge_lora(peft_io.load_adapter(Transformer.from_pretrained(base), adapter)).save_pretrained(
         str(tmp_path / "merged"))
     shutil.copy(os.path.join(base, "tokenizer.model"), tmp_path / "merged")
     assert sample.main([f"--model={tmp_path / 'merged'}", "--template=metamath", f"--prompt_file={data}",

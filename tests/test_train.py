@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import peft_io
+
 import beamlora
 import dataset
 import train
@@ -80,7 +82,7 @@ def test_end_to_end_beamlora(base, demo_data, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     x = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
-    ours = beamlora.load_adapter(Transformer.from_pretrained(base), str(out / "adapter"))
+    ours = peft_io.load_adapter(Transformer.from_pretrained(base), str(out / "adapter"))
     hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), str(out / "adapter"))
     with torch.no_grad():
         ref = hf.eval()(x).logits  # logits of size ~10 here: float32 noise is ~1e-5 of that
