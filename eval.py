@@ -41,7 +41,8 @@ dtype = "float32"  # float32 | bfloat16 | float16
 device = "auto"  # auto (cuda if there is one) | cpu | cuda | cuda:N
 timeout = 10.0  # seconds per humaneval/mbpp program
 compile = False  # greedy decoding with a static KV cache and the step under torch.compile (CUDA graphs on CUDA)
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # -----------------------------------------------------------------------------
 
 # train.py's Alpaca template
@@ -61,9 +62,12 @@ LLM_ADAPTERS = ("Below is an instruction that describes a task. Write a response
                 "request. \n\n                ### Instruction:\n                {instruction}\n\n"
                 "                ### Response:\n                ")
 # LLM-Adapters' answer patterns; the first one found in the output is the prediction
-COMMONSENSE = {"boolq": r"true|false", "piqa": r"solution1|solution2", "social_i_qa": r"answer1|answer2|answer3|answer4|answer5",
-               "ARC-Challenge": r"answer1|answer2|answer3|answer4|answer5", "ARC-Easy": r"answer1|answer2|answer3|answer4|answer5",
-               "openbookqa": r"answer1|answer2|answer3|answer4|answer5", "hellaswag": r"ending1|ending2|ending3|ending4",
+COMMONSENSE = {"boolq": r"true|false", "piqa": r"solution1|solution2",
+               "social_i_qa": r"answer1|answer2|answer3|answer4|answer5",
+               "ARC-Challenge": r"answer1|answer2|answer3|answer4|answer5",
+               "ARC-Easy": r"answer1|answer2|answer3|answer4|answer5",
+               "openbookqa": r"answer1|answer2|answer3|answer4|answer5",
+               "hellaswag": r"ending1|ending2|ending3|ending4",
                "winogrande": r"option1|option2"}
 MAX_NEW = {"gsm8k": 1024, "math": 2048, "humaneval": 512, "mbpp": 512, **{k: 32 for k in COMMONSENSE}}
 NUM_BEAMS = {k: 4 for k in COMMONSENSE}  # LLM-Adapters' GenerationConfig(num_beams=4), no sampling; else greedy
@@ -246,11 +250,13 @@ def to_sympy(s):
     except Exception:  # parse_latex needs antlr4 4.11: fall back to a small conversion
         from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication_application
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
-    for a, b in [("\\,", ""), ("\\ ", ""), ("\\cdot", "*"), ("\\times", "*"), ("\\pi", "pi"), ("\\infty", "oo"), ("^", "**")]:
+    for a, b in [("\\,", ""), ("\\ ", ""), ("\\cdot", "*"), ("\\times", "*"), ("\\pi", "pi"), ("\\infty", "oo"),
+                 ("^", "**")]:
         s = s.replace(a, b)
     for _ in range(10):  # innermost \frac and \sqrt first
         s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
-        s = re.sub(r"\\sqrt\[([^{}\]]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s))
+        s = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s)
+        s = re.sub(r"\\sqrt\[([^{}\]]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", s)
     s = s.replace("{", "(").replace("}", ")")
     # parse_expr runs eval: only numbers, operators, single-letter symbols and three harmless names get there
     if not re.fullmatch(r"[A-Za-z0-9\s.+\-*/()]*", s) or any(len(w) > 1 and w not in ("sqrt", "pi", "oo")
