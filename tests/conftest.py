@@ -39,6 +39,43 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+# The tiny demo task and checkpoint that train.py's tests share (test_train, test_resume, test_adalora, ...):
+# built once per test module that uses them, as when each module imported them from test_train.py.
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """Word problems and a sentencepiece tokenizer from the demo generator, at a tiny size."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo_prepare", os.path.join(ROOT, "data", "demo", "prepare.py"))
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    return prep.prepare(str(tmp_path_factory.mktemp("demo")), seed=1, n_train=64, n_test=8, n_pretrain=400,
+                        vocab_size=420)
+
+
+@pytest.fixture(scope="module")
+def base(demo_data, tmp_path_factory):
+    """A tiny random LLaMA checkpoint with the demo tokenizer."""
+    import shutil
+
+    import torch
+    from model import Transformer
+    from tokenizer import Tokenizer
+    n_vocab = Tokenizer(os.path.join(demo_data, "tokenizer.model")).n_words
+    cfg = dict(model_type="llama", vocab_size=n_vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+               eos_token_id=2)
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("base"))
+    m = Transformer.from_config(cfg)
+    with torch.no_grad():  # larger weights than a fresh init (std 0.02): a base whose features adapters can use
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(std=1.0 if p.shape[0] == n_vocab else p.shape[1] ** -0.5)
+    m.save_pretrained(path)
+    shutil.copy(os.path.join(demo_data, "tokenizer.model"), path)
+    return path
+
+
 def free_port():
     """A TCP port nobody listens on now: torchrun tests running side by side must not share one."""
     import socket

@@ -12,7 +12,7 @@ import peft_io
 import dataset
 import train
 from model import Transformer
-from test_train import base, cfg_for, demo_data, run_ddp  # noqa: F401  (fixtures)
+from test_train import cfg_for, run_ddp  # base, demo_data: fixtures in conftest.py
 from tokenizer import Tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

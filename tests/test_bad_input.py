@@ -12,7 +12,7 @@ import torch
 import train
 from conftest import ROOT
 from test_resume import argv_of, python, tree
-from test_train import base, cfg_for, demo_data  # noqa: F401 (fixtures)
+from test_train import cfg_for  # base, demo_data: fixtures in conftest.py
 
 class Unsafe:  # what weights_only must refuse: unpickling it would call os.system
     def __reduce__(self):
@@ -25,7 +25,8 @@ def make_inputs(d, base, demo_data):
     ok = train_lines[0]
     files = {"bad_config.py": b"r = 8\nx = = 1\n", "garbage.model": b"not a tokenizer\n", "empty.jsonl": b"",
              "bad_json.jsonl": ok + b'{"query": "a", "resp\n', "no_field.jsonl": b'{"question": "a", "answer": "b"}\n',
-             "number.jsonl": ok + b'{"query": "q", "response": 42}\n', "null.jsonl": b'{"query": "q", "response": null}\n',
+             "number.jsonl": ok + b'{"query": "q", "response": 42}\n',
+             "null.jsonl": b'{"query": "q", "response": null}\n',
              "latin1.jsonl": ok + '{"query": "caf\u00e9", "response": "x"}\n'.encode("latin-1"),
              "list.jsonl": b"[1, 2]\n", "tiny.jsonl": ok, "chat.jsonl": b'{"messages": "hi"}\n',
              "bad.txt": b"hello\nworld\n\xff\xfe\n", "a_file": b"x"}
@@ -35,7 +36,8 @@ def make_inputs(d, base, demo_data):
     (d / "nocfg").mkdir()
     cfg = json.load(open(os.path.join(base, "config.json")))
     models = {"badjson": "{not json", "wrongtype": dict(cfg, vocab_size="lots"), "gpt2": dict(cfg, model_type="gpt2"),
-              "missingkey": {k: v for k, v in cfg.items() if k != "hidden_size"}, "zeroheads": dict(cfg, num_attention_heads=0),
+              "missingkey": {k: v for k, v in cfg.items() if k != "hidden_size"},
+              "zeroheads": dict(cfg, num_attention_heads=0),
               "smallvocab": dict(cfg, vocab_size=100), "truncated": cfg}
     for name, c in models.items():
         (d / name).mkdir()
@@ -59,8 +61,10 @@ def make_adapters(d, good):
     """Broken copies of the finished run's adapter/ (`good`), each named for its case, in d."""
     st = open(os.path.join(good, "adapter_model.safetensors"), "rb").read()
     cfg = json.load(open(os.path.join(good, "adapter_config.json")))
-    for name, config, weights in (("ad_noconfig", None, st), ("ad_badjson", "{", st), ("ad_nor", {k: v for k, v in cfg.items() if k != "r"}, st),
-                                  ("ad_pattern", dict(cfg, rank_pattern=["q_proj", 2]), st), ("ad_wrongr", dict(cfg, r=2 * cfg["r"]), st),
+    for name, config, weights in (("ad_noconfig", None, st), ("ad_badjson", "{", st),
+                                  ("ad_nor", {k: v for k, v in cfg.items() if k != "r"}, st),
+                                  ("ad_pattern", dict(cfg, rank_pattern=["q_proj", 2]), st),
+                                  ("ad_wrongr", dict(cfg, r=2 * cfg["r"]), st),
                                   ("ad_trunc", cfg, st[:len(st) // 2]), ("ad_bin", cfg, None)):
         (d / name).mkdir()
         if config is not None:
@@ -141,7 +145,8 @@ CASES = [
     ("weights_truncated", ["--init_from={in}/truncated"], ["truncated/model.safetensors"], None),
     ("tokenizer_missing", ["--tokenizer={in}/nope.model"], ["nope.model"], None),
     ("tokenizer_garbage", ["--tokenizer={in}/garbage.model"], ["garbage.model"], None),
-    ("tokenizer_above_vocab", ["--init_from={in}/smallvocab"], ["smallvocab/tokenizer.model", "vocab_size (100)"], None),
+    ("tokenizer_above_vocab", ["--init_from={in}/smallvocab"], ["smallvocab/tokenizer.model", "vocab_size (100)"],
+     None),
     ("data_missing", ["--data={in}/nothing.jsonl"], ["nothing.jsonl", "--data"], None),
     ("data_empty", ["--data={in}/empty.jsonl"], ["empty.jsonl", "empty"], None),
     ("data_a_directory", ["--data={in}/datadir"], ["datadir", "--data"], None),
@@ -196,7 +201,8 @@ EVAL_CASES = [
     ("eval_adapter_no_config", ["--adapter={in}/ad_noconfig"], ["ad_noconfig/adapter_config.json"]),
     ("eval_adapter_config_invalid", ["--adapter={in}/ad_badjson"], ["ad_badjson/adapter_config.json", "JSON"]),
     ("eval_adapter_without_r", ["--adapter={in}/ad_nor"], ["ad_nor/adapter_config.json", "'r'"]),
-    ("eval_adapter_rank_pattern_list", ["--adapter={in}/ad_pattern"], ["ad_pattern/adapter_config.json", "rank_pattern"]),
+    ("eval_adapter_rank_pattern_list", ["--adapter={in}/ad_pattern"],
+     ["ad_pattern/adapter_config.json", "rank_pattern"]),
     ("eval_adapter_wrong_r", ["--adapter={in}/ad_wrongr"], ["ad_wrongr/adapter_model.safetensors", "shapes"]),
     ("eval_adapter_truncated", ["--adapter={in}/ad_trunc"], ["ad_trunc/adapter_model.safetensors"]),
     ("eval_adapter_pickle_only", ["--adapter={in}/ad_bin"], ["ad_bin/adapter_model.safetensors", "adapter_model.bin"]),
@@ -228,7 +234,8 @@ def cli_results(base, demo_data, tmp_path_factory):
         if change not in (None, "fresh"):
             corrupt(change, d)
         fresh = "--resume" not in args and change != "fresh"
-        argv = argv_of(dict(prior, out_dir=str(d))) + ["--overwrite"] * fresh + [a.format(**{"in": tmp / "in"}) for a in args]
+        argv = (argv_of(dict(prior, out_dir=str(d))) + ["--overwrite"] * fresh
+                + [a.format(**{"in": tmp / "in"}) for a in args])
         cases.append({"id": name, "script": "train.py", "argv": argv})
         before[name] = tree(d)
     make_adapters(tmp / "in", tmp / "prior" / "adapter")

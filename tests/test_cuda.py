@@ -20,7 +20,7 @@ from generate import generate  # noqa: E402
 from model import Transformer, lm_loss, load_safetensors  # noqa: E402
 from test_eval import E2E_ROWS  # noqa: E402
 from test_model import TINY, forced_logits, left_pad, write_hf  # noqa: E402
-from test_train import base, cfg_for, demo_data  # noqa: E402, F401  (fixtures)
+from test_train import cfg_for  # noqa: E402  (base, demo_data: fixtures in conftest.py)
 
 F = torch.nn.functional
 
@@ -72,7 +72,8 @@ def test_eval_decoding_eager_equals_compiled_on_cuda(tiny_checkpoint, tmp_path, 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in E2E_ROWS["gsm8k"]))
     outputs = {}
-    for name, extra in (("cpu", ["--device=cpu"]), ("eager", ["--device=cuda"]), ("compiled", ["--device=cuda", "--compile"])):
+    for name, extra in (("cpu", ["--device=cpu"]), ("eager", ["--device=cuda"]),
+                        ("compiled", ["--device=cuda", "--compile"])):
         out = tmp_path / name
         ev.main([f"--model={tiny_checkpoint}", "--task=gsm8k", f"--data={data}", f"--out={out}", "--batch_size=2",
                  "--max_new_tokens=16", "--dtype=float32", *extra])
@@ -176,7 +177,8 @@ def test_torchrun_one_process_on_nccl(base, demo_data, tmp_path):
             "dt", "p_init", "lr", "dtype", "device", "log_interval", "seed", "dropout")
     (tmp_path / "ddp_config.py").write_text("".join(f"{k} = {cfg[k]!r}\n" for k in keys))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-                           f"--master_port={free_port()}", os.path.join(ROOT, "train.py"), str(tmp_path / "ddp_config.py")],
+                           f"--master_port={free_port()}", os.path.join(ROOT, "train.py"),
+                           str(tmp_path / "ddp_config.py")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")]

@@ -170,7 +170,8 @@ def test_math_gold_from_boxed():
     assert ev.last_boxed("\\boxed{\\text{(A)}} and \\fbox{\\{1, 2\\}}") == "\\{1, 2\\}"
     assert ev.last_boxed("so it is $\\boxed 5$.") == "5"
     assert ev.last_boxed("no box") is None and ev.last_boxed("\\boxed{unclosed") is None
-    ex = [ev.make_example("math", row, "f", 1) for row in ({"problem": "p", "solution": sol}, {"problem": "q", "answer": "7"})]
+    ex = [ev.make_example("math", row, "f", 1)
+          for row in ({"problem": "p", "solution": sol}, {"problem": "q", "answer": "7"})]
     assert [e["gold"] for e in ex] == ["\\frac{1}{\\sqrt{2}}", "7"]
     assert ex[0]["prompt"].endswith("### Instruction:\np\n\n### Response: Let's think step by step.")
 

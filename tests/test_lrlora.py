@@ -162,7 +162,8 @@ def test_temperature_schedule_and_hard_end():
     assert abs(float(g.T) - 2.0 * 0.01 ** (49 / 50)) < 1e-6 and not g.hard
     c.step(50)
     assert g.hard and c.penalty() is None  # the budget is a projection, not a loss term
-    assert lrlora.RankController(mods, adamw(mods), 4, total_steps=10, hard_step=40).hard_step == 10  # capped: hard at the end
+    # capped: hard at the end
+    assert lrlora.RankController(mods, adamw(mods), 4, total_steps=10, hard_step=40).hard_step == 10
 
 
 def test_projection_holds_the_expected_budget():
@@ -341,7 +342,7 @@ def test_export_rank_pattern_padded_and_merge_match_peft(tmp_path, variant):
 
 
 # ---------------------------------------------------------------------------------------------
-# train.py --method=lrlora on the demo task at a tiny size (test_train.py's fixtures)
+# train.py --method=lrlora on the demo task at a tiny size (conftest.py's fixtures)
 
 import os  # noqa: E402
 import subprocess  # noqa: E402
@@ -350,7 +351,7 @@ import sys  # noqa: E402
 import train  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from model import Transformer, load_safetensors  # noqa: E402
-from test_train import base, cfg_for, demo_data  # noqa: E402,F401  (fixtures)
+from test_train import cfg_for  # noqa: E402  (base, demo_data: fixtures in conftest.py)
 
 # rank_lr 0.5: rho can cross the 8 ranks within the 18 soft steps of a 24-step run
 LR = dict(method="lrlora", r=4, r_max=8, rank_lr=0.5, max_steps=24, log_interval=4)
@@ -391,7 +392,8 @@ def test_train_budget_ranks_export_eval(base, demo_data, tmp_path):
     b = eval_lib.main([f"--model={out / 'merged'}", f"--out={tmp_path / 'e2'}"] + common)
     assert a["n"] == b["n"] == 2
     s1, s2 = (open(tmp_path / d / "gsm8k_samples.jsonl").read() for d in ("e1", "e2"))
-    assert [json.loads(line)["output"] for line in s1.splitlines()] == [json.loads(line)["output"] for line in s2.splitlines()]
+    assert ([json.loads(line)["output"] for line in s1.splitlines()]
+            == [json.loads(line)["output"] for line in s2.splitlines()])
 
 
 def test_train_resume_equals_uninterrupted(base, demo_data, tmp_path):
@@ -413,8 +415,8 @@ def test_train_resume_equals_uninterrupted(base, demo_data, tmp_path):
 def test_train_ddp_two_processes_match_one(base, demo_data, tmp_path):
     single = train.train(cfg_for(base, demo_data, tmp_path / "one", **LR))
     cfg = cfg_for(base, demo_data, tmp_path / "two", micro_batch_size=2, **LR)
-    keys = ("init_from", "data", "out_dir", "r", "alpha", "max_len", "batch_size", "micro_batch_size", "max_steps", "lr",
-            "dtype", "device", "log_interval", "seed", "dropout", *LR)
+    keys = ("init_from", "data", "out_dir", "r", "alpha", "max_len", "batch_size", "micro_batch_size", "max_steps",
+            "lr", "dtype", "device", "log_interval", "seed", "dropout", *LR)
     (tmp_path / "ddp_config.py").write_text("".join(f"{k} = {cfg[k]!r}\n" for k in dict.fromkeys(keys)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",

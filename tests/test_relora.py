@@ -15,7 +15,7 @@ import beamlora
 import relora
 import train
 from model import Transformer, load_safetensors
-from test_train import base, cfg_for, demo_data, run_ddp  # noqa: F401  (fixtures)
+from test_train import cfg_for, run_ddp  # base, demo_data: fixtures in conftest.py
 
 
 def re_cfg(base, demo_data, out, **kw):

@@ -16,7 +16,7 @@ import rundir
 import train
 from configurator import ConfigError
 from conftest import ROOT
-from test_train import base, cfg_for, demo_data  # noqa: F401 (fixtures)
+from test_train import cfg_for  # base, demo_data: fixtures in conftest.py
 
 TIMING = ("tok_s", "mfu", "mem_gib")  # the log fields that measure the machine, not the run
 

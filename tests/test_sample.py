@@ -19,7 +19,6 @@ import sample
 from conftest import ROOT
 from generate import generate
 from model import Transformer
-from test_train import base, demo_data  # noqa: F401 (pytest fixtures: a tiny checkpoint and its tokenizer)
 from tokenizer import Tokenizer
 
 PROMPTS = ["Tom has 3 apples. He buys 4 more apples. How many apples does Tom have now?",
@@ -96,7 +95,8 @@ def test_peft_adapter_equals_transformers_peft(base, tmp_path):
     cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     peft.get_peft_model(hf, cfg).save_pretrained(str(tmp_path / "peft"))  # random A and B: B is not zero
     tok = Tokenizer(base)
-    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "peft"))
+    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                         str(tmp_path / "peft"))
     ids = torch.tensor([tok.encode(PROMPTS[1], bos=True)])
     new = ref.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                               eos_token_id=sorted(tok.stop_ids), pad_token_id=tok.pad_id)[0, ids.shape[1]:].tolist()
@@ -185,7 +185,8 @@ def test_compile_samples_the_same(base, monkeypatch):
     # a GPU: tests/test_cuda.py), the same text streamed as without it
     import functools
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    args = [f"--model={base}", f"--prompt={PROMPTS[0]}", f"--prompt={PROMPTS[1]}", "--max_new_tokens=16", "--device=cpu"]
+    args = [f"--model={base}", f"--prompt={PROMPTS[0]}", f"--prompt={PROMPTS[1]}", "--max_new_tokens=16",
+            "--device=cpu"]
     outs = [io.StringIO(), io.StringIO()]
     got = [sample.main(args + extra, out) for extra, out in zip(([], ["--compile"]), outs)]
     assert got[0] == got[1] and all(got[0]) and outs[0].getvalue() == outs[1].getvalue()

@@ -1,9 +1,7 @@
 # train.py on CPU: a tiny end-to-end BeamLoRA run, the label mask, exact resume, DDP under torchrun,
 # activation checkpointing, and the one-line errors for bad input.
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -18,35 +16,6 @@ import train
 from conftest import ROOT, free_port
 from model import Transformer, load_safetensors
 from tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    """Word problems and a sentencepiece tokenizer from the demo generator, at a tiny size."""
-    spec = importlib.util.spec_from_file_location("demo_prepare", os.path.join(ROOT, "data", "demo", "prepare.py"))
-    prep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prep)
-    return prep.prepare(str(tmp_path_factory.mktemp("demo")), seed=1, n_train=64, n_test=8, n_pretrain=400,
-                        vocab_size=420)
-
-
-@pytest.fixture(scope="module")
-def base(demo_data, tmp_path_factory):
-    """A tiny random LLaMA checkpoint with the demo tokenizer."""
-    n_vocab = Tokenizer(os.path.join(demo_data, "tokenizer.model")).n_words
-    cfg = dict(model_type="llama", vocab_size=n_vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
-               eos_token_id=2)
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("base"))
-    m = Transformer.from_config(cfg)
-    with torch.no_grad():  # larger weights than a fresh init (std 0.02): a base whose features adapters can use
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(std=1.0 if p.shape[0] == n_vocab else p.shape[1] ** -0.5)
-    m.save_pretrained(path)
-    shutil.copy(os.path.join(demo_data, "tokenizer.model"), path)
-    return path
 
 
 def cfg_for(base, demo_data, out_dir, **kw):
@@ -180,7 +149,8 @@ def test_lora_and_full_methods(base, demo_data, tmp_path):
                               save_merged=True))
     m = Transformer.from_pretrained(str(tmp_path / "full" / "model"))
     assert os.path.isfile(tmp_path / "full" / "model" / "tokenizer.model")
-    assert not torch.equal(m.model.layers[0].mlp.up_proj.weight, Transformer.from_pretrained(base).model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(m.model.layers[0].mlp.up_proj.weight,
+                           Transformer.from_pretrained(base).model.layers[0].mlp.up_proj.weight)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -277,8 +247,8 @@ def test_cli_one_line_errors(base, demo_data, tmp_path):
 
 @pytest.mark.parametrize("name, dtype, tflops", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989.5), ("NVIDIA H100 80GB HBM3", "float32", 494.5),  # SXM5
-    ("NVIDIA H100 PCIe", "bfloat16", 756.5), ("NVIDIA H100 PCIe", "float32", 378.0), ("NVIDIA H100 NVL", "float16", 835.5),
-    ("NVIDIA H200", "bfloat16", 989.5), ("NVIDIA H200 NVL", "bfloat16", 835.5),
+    ("NVIDIA H100 PCIe", "bfloat16", 756.5), ("NVIDIA H100 PCIe", "float32", 378.0),
+    ("NVIDIA H100 NVL", "float16", 835.5), ("NVIDIA H200", "bfloat16", 989.5), ("NVIDIA H200 NVL", "bfloat16", 835.5),
     ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0), ("NVIDIA A100-PCIE-40GB", "float32", 156.0),
     ("NVIDIA A100 80GB PCIe", "float16", 312.0), ("NVIDIA L40S", "bfloat16", 362.0), ("NVIDIA L40", "bfloat16", 181.0),
     ("NVIDIA L4", "bfloat16", 121.0), ("NVIDIA A10", "bfloat16", 125.0), ("NVIDIA RTX A6000", "bfloat16", 154.8),
@@ -287,7 +257,8 @@ def test_cli_one_line_errors(base, demo_data, tmp_path):
     # never another device's peak: no bf16 on a V100, and parts that only look like a listed one
     ("Tesla V100-SXM2-16GB", "bfloat16", None), ("NVIDIA A10G", "bfloat16", None),
     ("NVIDIA GeForce RTX 3090 Ti", "bfloat16", None), ("NVIDIA GeForce RTX 4090 D", "bfloat16", None),
-    ("NVIDIA GH200 480GB", "bfloat16", None), ("NVIDIA B200", "bfloat16", None), ("AMD Instinct MI300X", "bfloat16", None),
+    ("NVIDIA GH200 480GB", "bfloat16", None), ("NVIDIA B200", "bfloat16", None),
+    ("AMD Instinct MI300X", "bfloat16", None),
 ])
 def test_peak_flops_by_device_name(monkeypatch, name, dtype, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
@@ -301,7 +272,8 @@ def test_no_mfu_on_cpu(base, demo_data, tmp_path, capsys):
     assert len(lines) == 2 and all("tok/s" in line and "mfu" not in line for line in lines)
     assert [json.loads(line)["mfu"] for line in open(tmp_path / "auto" / "log.jsonl")] == [None, None]
     # a peak given by hand is the user's word for this device: used anywhere
-    train.train(cfg_for(base, demo_data, tmp_path / "given", method="lora", max_steps=4, log_interval=2, peak_flops=1e9))
+    train.train(cfg_for(base, demo_data, tmp_path / "given", method="lora", max_steps=4, log_interval=2,
+                        peak_flops=1e9))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     rows = [json.loads(line) for line in open(tmp_path / "given" / "log.jsonl")]
     assert all(f"mfu {100 * r['mfu']:.2f}%" in line for r, line in zip(rows, lines))
