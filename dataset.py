@@ -90,7 +90,8 @@ def tokenize_file(path, tok, cfg):
     examples, truncated, n_read, fmt = [], 0, 0, cfg["data_format"]
     if path.endswith(".txt"):  # plain text: blocks of max_len tokens, loss on every token
         ids = tok.encode("".join(text for _, text in read_lines(path)), bos=True, eos=True)
-        examples = [(ids[i:i + cfg["max_len"]], ids[i:i + cfg["max_len"]]) for i in range(0, len(ids) - 1, cfg["max_len"])]
+        examples = [(ids[i:i + cfg["max_len"]], ids[i:i + cfg["max_len"]])
+                    for i in range(0, len(ids) - 1, cfg["max_len"])]
     else:
         for n, line in read_lines(path):
             if not line.strip():
@@ -119,7 +120,8 @@ def tokenize_file(path, tok, cfg):
         raise ConfigError(f"{path}: no usable examples")
     if truncated:
         print(f"{path}: {truncated} of {n_read} examples truncated to max_len={cfg['max_len']}"
-              + (f", {n_read - len(examples)} of them dropped (no response token left)" if n_read > len(examples) else ""))
+              + (f", {n_read - len(examples)} of them dropped (no response token left)"
+                 if n_read > len(examples) else ""))
     lens = torch.tensor([len(e[0]) for e in examples])
     blob = {"ids": torch.tensor([t for e in examples for t in e[0]], dtype=torch.int32),
             "labels": torch.tensor([t for e in examples for t in e[1]], dtype=torch.int32), "lens": lens}

@@ -27,9 +27,9 @@ base takes 3000 steps of 8 blocks (twice the updates for the same tokens and tim
 from 78% to 96% of held-out problems finished right in the pretraining format. The base alone scores 0% (it
 has never seen "The answer is:"), the adapter far above it. The fine-tune takes 1000 steps, not 500: with 500 a
 seed's adapter sometimes failed to copy the question's numbers into its steps (89.4% on one seed, all its other misses
-arithmetic); the seeds-by-torch table is in README.md ("Quick start"). The held-out set is 500 problems (a binomial standard error under 2 points); bf16 does not
-help on a CPU at this size (a step is 1.2x slower under autocast here, the matmuls are too small to gain),
-so everything runs in fp32.
+arithmetic); the seeds-by-torch table is in README.md ("Quick start"). The held-out set is 500 problems (a binomial
+standard error under 2 points); bf16 does not help on a CPU at this size (a step is 1.2x slower under autocast here,
+the matmuls are too small to gain), so everything runs in fp32.
 """
 import ast
 import hashlib
@@ -70,14 +70,16 @@ r = 8  # LoRA rank (alpha = 2r)
 # 1000 steps (4 passes over the problems), not 500: with 500 the fine-tune learnt or not, by seed and lr, to copy the
 # question's numbers into the steps through the instruction template (bench/misses.py: seed 4 under torch 2.13.0 89.4%,
 # 43 of its 53 misses a number copied wrong; seed 0 at lr 3e-3 83.8%, 63 such). With 1000, seeds 0, 2 and 4 scored 97.2,
-# 95.4 and 98.2% with no copy miss left. 1000 steps of 8 (the time of 500 of 16) gave 91.0% on seed 4: it needs the passes.
+# 95.4 and 98.2% with no copy miss left. 1000 steps of 8 (the time of 500 of 16) gave 91.0% on seed 4:
+# it needs the passes.
 finetune_steps = 1000  # steps of batch_size problems
 finetune_lr = 5e-3  # peak learning rate of the fine-tune
 batch_size = 16  # problems per step
 eval_limit = 500  # the first 500 held-out problems are scored; 0: all n_test
 eval_batch_size = 100  # problems decoded at once
 max_new_tokens = 96  # a solution here is about 60 tokens
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 del DEFAULTS["HERE"]
 # -----------------------------------------------------------------------------
 
@@ -192,8 +194,8 @@ def finetune(base, data, cfg, train):
 def accuracy(model_dir, adapter, data, out, cfg):
     import eval as eval_lib
     argv = [f"--model={model_dir}", "--task=gsm8k", f"--data={os.path.join(data, 'test.jsonl')}", f"--out={out}",
-            f"--limit={cfg['eval_limit']}", f"--batch_size={cfg['eval_batch_size']}", f"--max_new_tokens={cfg['max_new_tokens']}",
-            "--device=cpu"]
+            f"--limit={cfg['eval_limit']}", f"--batch_size={cfg['eval_batch_size']}",
+            f"--max_new_tokens={cfg['max_new_tokens']}", "--device=cpu"]
     return eval_lib.main(argv + ([f"--adapter={adapter}"] if adapter else []))
 
 

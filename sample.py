@@ -37,8 +37,10 @@ max_new_tokens = 256  # at most this many new tokens per prompt
 temperature = 0.0  # 0: greedy; else sample from softmax(logits / temperature)
 top_p = 1.0  # sample from the fewest most likely tokens that hold this much probability
 seed = 1337  # the sampling seed, the same for each prompt: an output does not depend on the prompts before it
-compile = False  # a static KV cache and the decode step under torch.compile (CUDA graphs on CUDA; the first prompt pays the compile)
-DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+compile = False  # a static KV cache and the decode step under torch.compile (CUDA graphs on CUDA; the first
+    # prompt pays the compile)
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # -----------------------------------------------------------------------------
 
 STOPS = {"none": [], "alpaca": ev.ALPACA_STOPS, "metamath": ev.METAMATH_STOPS}
@@ -109,7 +111,8 @@ def generate(model, tok, text, cfg, out=None):
 def check(cfg):
     checks = {"template": (cfg["template"] in STOPS, "one of " + ", ".join(STOPS)),
               "model": (cfg["model"], "a checkpoint dir"), "max_new_tokens": (cfg["max_new_tokens"] > 0, "> 0"),
-              "temperature": (cfg["temperature"] >= 0, ">= 0, 0 = greedy"), "top_p": (0 < cfg["top_p"] <= 1, "in (0, 1]"),
+              "temperature": (cfg["temperature"] >= 0, ">= 0, 0 = greedy"),
+              "top_p": (0 < cfg["top_p"] <= 1, "in (0, 1]"),
               "dtype": (cfg["dtype"] in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16")}
     for key, (ok, want) in checks.items():
         if not ok:

@@ -25,7 +25,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import beamlora  # noqa: E402
-import rundir
+import rundir  # noqa: E402
 from configurator import ConfigError, cli, parse_args  # noqa: E402
 
 DEFAULTS = dict(

@@ -25,7 +25,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import rundir
+import rundir  # noqa: E402
 from configurator import ConfigError, parse_args  # noqa: E402
 from generate import decode_step, generate  # noqa: E402
 
@@ -155,7 +155,8 @@ def main(argv):
         raise ConfigError(f"--shape={cfg['shape']}: expected one of {', '.join(SHAPES)}")
     modes, check_modes = ([m for m in cfg[k].split(",") if m] for k in ("modes", "check_modes"))
     if any(m not in ("cache", "static", "compiled") for m in modes + check_modes):
-        raise ConfigError(f"--modes={cfg['modes']} --check_modes={cfg['check_modes']}: expected cache, static, compiled")
+        raise ConfigError(f"--modes={cfg['modes']} --check_modes={cfg['check_modes']}: "
+                          "expected cache, static, compiled")
     device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     import transformers
     transformers.logging.set_verbosity_error()

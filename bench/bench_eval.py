@@ -36,7 +36,8 @@ def prompts_for(n):
     if questions and os.path.isfile(sp_path):
         import sentencepiece as spm
         sp = spm.SentencePieceProcessor(model_file=sp_path)
-        return [[sp.bos_id()] + sp.encode(ev.METAMATH.format(instruction=q)) for q in questions], "gsm8k + mistral tokenizer"
+        return ([[sp.bos_id()] + sp.encode(ev.METAMATH.format(instruction=q)) for q in questions],
+                "gsm8k + mistral tokenizer")
     g = torch.Generator().manual_seed(0)
     return [torch.randint(3, SHAPE["vocab_size"], (int(torch.randint(80, 200, (1,), generator=g)),),
                           generator=g).tolist() for _ in range(n)], "random token ids"
@@ -81,7 +82,8 @@ def main(n=32, batch_size=8, max_new_tokens=128):
     same = sum(x == y for x, y in zip(a, b))
     tokens = sum(map(len, a))
     print(f"{n} prompts ({source}, {min(map(len, prompts))}-{max(map(len, prompts))} tokens), batch {batch_size}, "
-          f"{max_new_tokens} new tokens, {torch.get_num_threads()} threads, model {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M")
+          f"{max_new_tokens} new tokens, {torch.get_num_threads()} threads, "
+          f"model {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M")
     print(f"ours (eval.generate_all)   {t_ours:7.2f} s  {tokens / t_ours:7.1f} tok/s")
     print(f"transformers generate      {t_hf:7.2f} s  {sum(map(len, b)) / t_hf:7.1f} tok/s")
     print(f"ratio ours / transformers  {t_ours / t_hf:7.2f}   identical outputs: {same}/{n}")

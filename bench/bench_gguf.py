@@ -53,8 +53,10 @@ def child(which, gguf, out):
         import transformers
         transformers.logging.disable_progress_bar()
         from transformers import AutoModelForCausalLM
-        AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32)
-    print(json.dumps({"s": time.perf_counter() - t, "peak_gib": peak_rss_gib(), "above_imports_gib": peak_rss_gib() - base}))
+        AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                             dtype=torch.float32)
+    print(json.dumps({"s": time.perf_counter() - t, "peak_gib": peak_rss_gib(),
+                      "above_imports_gib": peak_rss_gib() - base}))
 
 
 def run_child(which, gguf, out):
@@ -90,8 +92,8 @@ def main():
         from tokenizer import Tokenizer, encode_chat
         ours, tok = Transformer.from_pretrained(out), Tokenizer(out)
         hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        questions = ["What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?",
-                     "Write a haiku about rain."][:batch]
+        questions = ["What is the capital of France?", "Name three primary colours.",
+                     "How many legs does a spider have?", "Write a haiku about rain."][:batch]
         prompts = [encode_chat(tok, [{"role": "user", "content": q}]) for q in questions]
         L = max(map(len, prompts))
         ids, mask = torch.zeros(len(prompts), L, dtype=torch.long), torch.zeros(len(prompts), L, dtype=torch.long)
@@ -134,6 +136,7 @@ if __name__ == "__main__":
         child(*sys.argv[2:5])
     else:
         from configurator import parse_args
-        cfg = parse_args(sys.argv[1:], {"repeats": repeats, "new_tokens": new_tokens, "batch": batch, "threads": threads})
+        cfg = parse_args(sys.argv[1:], {"repeats": repeats, "new_tokens": new_tokens, "batch": batch,
+                                        "threads": threads})
         repeats, new_tokens, batch, threads = cfg["repeats"], cfg["new_tokens"], cfg["batch"], cfg["threads"]
         main()

@@ -27,7 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import rundir
+import rundir  # noqa: E402
 import dataset  # noqa: E402
 import train  # noqa: E402
 from configurator import cli, parse_args  # noqa: E402

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import rundir
+import rundir  # noqa: E402
 from configurator import ConfigError, cli, parse_args  # noqa: E402
 from measure import print_result, run_child  # noqa: E402
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import rundir
+import rundir  # noqa: E402
 import train  # noqa: E402
 from bench_train import SHAPES, make_batch, write_checkpoint  # noqa: E402
 from configurator import ConfigError, cli, parse_args  # noqa: E402

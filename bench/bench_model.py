@@ -109,8 +109,10 @@ def main():
         nbytes = make_checkpoint(d, shape)
         print(f"checkpoint: {nbytes / 2**30:.2f} GiB of bf16 weights ({nbytes // 2 / 1e9:.2f}B params)")
         ours, hf = run_load("ours", d), run_load("hf", d)
-        print(f"load: ours {ours['s']:.2f} s, transformers {hf['s']:.2f} s, ratio {ours['s'] / hf['s']:.2f} (aim <= 0.5)")
-        print(f"peak RSS (above the imports): ours {ours['rss'] / 2**30:.2f} GiB = {ours['rss'] / nbytes:.2f}x the weights (aim <= 1.2); "
+        print(f"load: ours {ours['s']:.2f} s, transformers {hf['s']:.2f} s, "
+              f"ratio {ours['s'] / hf['s']:.2f} (aim <= 0.5)")
+        print(f"peak RSS (above the imports): ours {ours['rss'] / 2**30:.2f} GiB = "
+              f"{ours['rss'] / nbytes:.2f}x the weights (aim <= 1.2); "
               f"transformers {hf['rss'] / 2**30:.2f} GiB = {hf['rss'] / nbytes:.2f}x")
         t_ours, t_hf, same, model, prompts = bench_generate(d, 16, 64)
         print(f"generate, batch 16, 64 new tokens, fp32: ours {t_ours:.2f} s, transformers {t_hf:.2f} s, "

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import beamlora  # noqa: E402
-import rundir
+import rundir  # noqa: E402
 from configurator import ConfigError, cli, parse_args  # noqa: E402
 from measure import peak_rss, print_result, reset_peak_rss, run_child_spec, timed  # noqa: E402
 

@@ -2,9 +2,9 @@
 The GPU check: one prepared script for a GPU machine (one H100 or H200; PyTorch, transformers, peft and pytest
 installed; no network) that fits in 8 minutes and writes one JSON of results, plus a markdown summary.
 
-    python bench/gpu_check.py                                # -> out/gpu_check/gpu_check.json, .md, one log per section
-    python bench/gpu_check.py --out_dir=$OUT --budget=420    # elsewhere, or in less time
-    python bench/gpu_check.py --tiny --device=cpu            # the same code paths at tiny sizes (tests/test_gpu_check.py)
+    python bench/gpu_check.py                              # -> out/gpu_check/gpu_check.json, .md, one log per section
+    python bench/gpu_check.py --out_dir=$OUT --budget=420  # elsewhere, or in less time
+    python bench/gpu_check.py --tiny --device=cpu          # the same code paths at tiny sizes (tests/test_gpu_check.py)
 
 Sections, each a process of its own under a time limit: a hang or a crash is recorded (status timeout / failed,
 the log's tail kept) and the next section runs; the JSON is rewritten after each section, so a kill keeps what

@@ -57,7 +57,7 @@ WALL_CLOCK = ("tok_s", "mfu", "mem_gib")  # log.jsonl fields that depend on the 
 # compared first: the records of every few steps, so a difference is reported at the first step it shows in
 FIRST = ("events.jsonl", "log.jsonl", "scores.jsonl", "stdout.txt", "ckpt.pt")
 
-# the tiny base and data, made with the code under test (tests/test_train.py's fixtures `demo_data` and `base`)
+# the tiny base and data, made with the code under test (tests/conftest.py's fixtures `demo_data` and `base`)
 BUILD = r"""
 import importlib.util, os, shutil, sys
 import torch

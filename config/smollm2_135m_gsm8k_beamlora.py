@@ -8,7 +8,8 @@
 import os as _os
 
 init_from = "models/smollm2/SmolLM2-135M-Instruct"  # tied embeddings, 9 query / 3 kv heads
-_shared = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "..", "shared", "data", "gsm8k", "train.jsonl")
+_shared = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "..", "..", "shared", "data", "gsm8k",
+                        "train.jsonl")
 data = _shared if _os.path.isfile(_shared) else "data/gsm8k/train.jsonl"  # the developers' copy, else prepare.py's
 data_format = "gsm8k"  # the Alpaca prompt; the answer's "#### N" is trained as "The answer is: N" (eval.py's rule)
 out_dir = "out/smollm2_135m_gsm8k_beamlora"

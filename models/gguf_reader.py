@@ -167,4 +167,5 @@ def load_tensors(path, infos):
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     for name, info in infos.items():
-        yield name, dequantize(np.frombuffer(buf, np.uint8, count=info.nbytes, offset=info.start), info.type, info.shape)
+        yield name, dequantize(np.frombuffer(buf, np.uint8, count=info.nbytes, offset=info.start), info.type,
+                               info.shape)
