@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from beamlora import Controller, due, event, lora_layers
-from configurator import check_choice
+from configurator import ConfigError, check_choice, check_range
 
 DORA = False  # PEFT has no AdaLoRA with DoRA to test against
 
@@ -191,8 +191,22 @@ class AdaController(Controller):
         self.pattern = None if self.pattern is None else {n: v.to(dev) for n, v in self.pattern.items()}
 
 
-def check(cfg):
+def check_importance(cfg):
+    """The settings AdaLoRA and IncreLoRA share: the importance EMAs and the orthogonality penalty."""
+    check_range(cfg, "in (0, 1)", "ipt_beta1", "ipt_beta2")
+    check_range(cfg, "0 or more", "orth_reg_weight")
     check_choice(cfg, "orth", ("code", "paper"))
+    if cfg["rslora"]:
+        raise ConfigError(f"--rslora: not with --method={cfg['method']} (it scales by alpha / (ranks + 1e-5), as "
+                          "the authors and PEFT do)")
+
+
+def check(cfg):
+    check_importance(cfg)
+    check_range(cfg, "at least 1", "deltaT")
+    if rank(cfg) < cfg["r"]:
+        raise ConfigError(f"--init_r={cfg['init_r']}: must be at least --r={cfg['r']} (the budget falls from init_r "
+                          "ranks per module to r)")
 
 
 def rank(cfg):

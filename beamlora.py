@@ -439,7 +439,7 @@ class BeamController(Controller):
 # the method (lora.py lists the hooks)
 
 def check(cfg):
-    """BeamLoRA's settings, whatever --method is (a typo fails now, not when the method is switched)."""
+    """BeamLoRA's settings, before anything is loaded."""
     check_range(cfg, "positive", "tau")
     check_range(cfg, "0 or more", "dt", "end_step")
     check_range(cfg, "in (0, 1)", "p_init")

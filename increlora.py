@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import adalora
 from beamlora import Controller, due, event, lora_layers
+from configurator import ConfigError, check_range
 
 DORA = False  # PEFT has no IncreLoRA to test against
 
@@ -308,6 +309,15 @@ class IncreController(Controller):
         self.prev = [[x.to(self.device()) for x in p] for p in self.prev]
         if state["reached"]:
             self.detach()
+
+
+def check(cfg):
+    adalora.check_importance(cfg)
+    check_range(cfg, "at least 1", "top_h")
+    (init_r, k), slots = ranks(cfg), rank(cfg)
+    if init_r + k > slots:
+        raise ConfigError(f"--max_r={cfg['max_r']}: {slots} slots per module cannot hold init_r={init_r} ranks and "
+                          f"a reserve of {k}")
 
 
 def ranks(cfg):

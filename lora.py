@@ -5,7 +5,7 @@ differently from plain LoRA; a hook it leaves out is taken from here (train.meth
 
     settings        lowercase module-level defaults with a comment each, under a heading comment: --help lists
                     them under the method and the configurator checks their types (beamlora.py has an example)
-    check(cfg)      its settings on their own, whatever --method is: one line naming the first bad one
+    check(cfg)      its settings and how they combine with the shared ones: one line naming the first bad one
     rank(cfg)       the ranks each module's tensors hold (--r; more where a method allocates ranks itself)
     wrap(model, cfg) -> {name: LoRALinear}           the one LoRA layer (beamlora.py), its seams filled in
     controller(mods, optimizer, cfg, total)         -> what happens between optimizer steps (beamlora.Controller)

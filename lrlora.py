@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from beamlora import Controller, event, lora_layers
+from configurator import ConfigError, check_range
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -92,6 +93,17 @@ def rank(cfg):
     return cfg["r_max"] or 2 * cfg["r"]
 
 
+def check(cfg):
+    check_range(cfg, "0 or more", "r_init", "rank_lr", "hard_step")
+    check_range(cfg, "positive", "temp_end")
+    if rank(cfg) < cfg["r"]:
+        raise ConfigError(f"--r_max={cfg['r_max']}: must be at least the budget --r={cfg['r']}")
+    if cfg["r_init"] > rank(cfg):
+        raise ConfigError(f"--r_init={cfg['r_init']}: more than the {rank(cfg)} ranks a module holds (--r_max)")
+    if cfg["temp_end"] > cfg["temp_start"]:
+        raise ConfigError(f"--temp_end={cfg['temp_end']}: must not exceed --temp_start={cfg['temp_start']}")
+
+
 def wrap(model, cfg):
     """r_max ranks per module (default 2r), the budget r, rho's own learning rate."""
     return add_masks(lora_layers(model, cfg, rank(cfg)), cfg["r"], cfg["r_init"] or cfg["r"],
@@ -136,14 +148,13 @@ class RankController(Controller):
         # rho's peak lr, in ranks per step; default: at AdamW's full step it could cross [0, r_max] four times
         # during the search. Its group's lr is the schedule's times lr_scale (train.py)
         self.rank_lr = rank_lr or 4 * float(self.r.max()) / self.hard_step
-        rho0 = next(iter(self.modules.values())).gate.rho
-        self.group = next(g for g in optimizer.param_groups if any(p is rho0 for p in g["params"]))
-        lr = self.group["lr"] if lr is None else lr  # the schedule's peak (train.py passes --lr)
+        group = self.rho_group()
+        lr = group["lr"] if lr is None else lr  # the schedule's peak (train.py passes --lr)
         if lr <= 0 or rank_lr < 0:
             raise ValueError(f"lr={lr}, rank_lr={rank_lr}: rho's learning rate is the schedule's x rank_lr / lr")
-        if any(not any(p is m.gate.rho for p in self.group["params"]) for m in self.modules.values()):
+        if any(not any(p is m.gate.rho for p in group["params"]) for m in self.modules.values()):
             raise ValueError("RankController: every rho must be in one optimizer group (train.make_optimizer)")
-        self.group["lr_scale"] = self.rank_lr / lr
+        group["lr_scale"] = self.rank_lr / lr  # kept in the optimizer's state_dict, so a resume has it too
         self.temp_start, self.temp_end = temp_start, temp_end
         self.price, self.t = 0.0, 0
         self.gen = torch.Generator().manual_seed(seed)  # the masks' noise, on the cpu: the same on every process
@@ -191,12 +202,17 @@ class RankController(Controller):
             m.gate.rho.fill_(v)
         return p
 
+    def rho_group(self):
+        """rho's AdamW group, looked up each time: loading an optimizer's state (a resume) replaces its groups."""
+        rho0 = next(iter(self.modules.values())).gate.rho
+        return next(g for g in self.opt.param_groups if any(p is rho0 for p in g["params"]))
+
     def step(self, t):
         self.t = t
         event = None
         if t < self.hard_step:
             shift = self.project(self.temperature(t))  # the budget, under the coming step's T
-            lr = self.group["lr"]
+            lr = self.rho_group()["lr"]
             self.price = shift / lr if lr > 0 else 0.0  # in units of AdamW's step on rho
         elif t == self.hard_step:
             event = self.freeze(t)

@@ -20,10 +20,11 @@ import shutil
 import torch
 import torch.nn as nn
 
-import peft_io
 import beamlora
 import lora
+import peft_io
 from beamlora import Controller, due, event
+from configurator import ConfigError, check_range
 
 SHIPS = "merged"  # the cycles' sum is not low rank
 DORA = False  # PEFT has no ReLoRA to test against
@@ -138,6 +139,14 @@ def save_base(model, out_dir):
         for name, m in mods.items():
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, m)
+
+
+def check(cfg):
+    check_range(cfg, "0 or more", "relora_steps", "relora_warmup")
+    check_range(cfg, "in [0, 1)", "relora_prune")
+    if cfg["relora_steps"] and cfg["relora_warmup"] > cfg["relora_steps"]:
+        raise ConfigError(f"--relora_warmup={cfg['relora_warmup']}: longer than a cycle (--relora_steps="
+                          f"{cfg['relora_steps']})")
 
 
 def controller(mods, optimizer, cfg, total):

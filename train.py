@@ -169,15 +169,14 @@ def heldout_loss(model, examples, cfg, ctx):
 # checking every input before anything is loaded or written
 
 def check_config(cfg, world=1):
-    """The options on their own: one line naming the first bad one. `world`: processes under torchrun. Every
-    method's settings are checked whichever runs, so a typo fails now, not when the method is switched."""
+    """The options on their own: one line naming the first bad one. `world`: processes under torchrun. The
+    method checks its own settings (its `check` hook), so that every input fails before anything is loaded."""
     check_choice(cfg, "method", tuple(METHODS))
     for key, allowed in {"schedule": ("cosine", "linear"), "dtype": ("float32", "bfloat16", "float16"),
                          "data_format": ("metamathqa", "alpaca", "gsm8k", "chat")}.items():
         check_choice(cfg, key, allowed)
-    for m in METHODS.values():
-        getattr(m, "check", lora.check)(cfg)
     method = method_hooks(cfg)
+    method.check(cfg)
     if cfg["dora"] and method.TRAINS_BASE:
         raise ConfigError(f"--dora: needs a LoRA-family --method, not {cfg['method']}")
     if cfg["dora"] and not method.DORA:
