@@ -185,10 +185,8 @@ class AdaController(Controller):
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        dev = self.device()
-        self.ema = {k: v.to(dev) for k, v in self.ema.items()}
-        self.unc = {k: v.to(dev) for k, v in self.unc.items()}
-        self.pattern = None if self.pattern is None else {n: v.to(dev) for n, v in self.pattern.items()}
+        self.ema, self.unc = self.to_device(self.ema), self.to_device(self.unc)
+        self.pattern = self.to_device(self.pattern)
 
 
 def check_importance(cfg):

@@ -11,6 +11,7 @@ to it. A method module's shape (settings, wrap, controller, properties) is in lo
     Score           BeamLoRA's gate, s = r softmax(g / tau) (section 1)
     select_ranks    dynamic top-p: which ranks of which module to prune (section 3)
     BeamController  the schedule (section 2), prune/expand (section 4), the ablations (section 5)
+    check, wrap, controller   --method=beamlora (lora.py lists the hooks); add_scores puts a Score on each module
     rank_importance each rank's score and update norm (scores.jsonl, the figures)
 """
 import math
@@ -63,7 +64,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         # rsLoRA (Kalajdzievski 2023): alpha / sqrt(r) keeps the update's scale stable as r grows
         self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, rslora)
         self.dropout_p = dropout
         dev = self.weight.device
         # PEFT's shapes and init: A (r, in) kaiming-uniform(a=sqrt 5), B (out, r) zeros, so W starts at W0
@@ -98,6 +99,10 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, rslora={self.rslora}"
+
+
+def lora_scaling(alpha, r, rslora=False):
+    return alpha / math.sqrt(r) if rslora else alpha / r  # LoRA's alpha / r; rsLoRA's alpha / sqrt(r)
 
 
 def linear_names(model):
@@ -202,8 +207,14 @@ class Controller:
     def moments(self, p, required=True):
         return adam_moments(self.opt, p, required)
 
-    def device(self):
-        return next(iter(self.modules.values())).lora_A.device
+    def to_device(self, x):
+        """Tensors in dicts and lists, as a checkpoint gives them (on the cpu), on the adapters' device."""
+        dev = next(iter(self.modules.values())).lora_A.device
+        if isinstance(x, dict):
+            return {k: self.to_device(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [self.to_device(v) for v in x]
+        return x.to(dev) if isinstance(x, torch.Tensor) else x
 
     def state_dict(self):
         out = {"config": self.config()} if self.config() else {}  # {}: nothing to save (LoRA, full)
@@ -430,9 +441,7 @@ class BeamController(Controller):
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        if self.snapshot is not None:
-            self.snapshot = {n: {k: v.to(self.modules[n].lora_A.device) for k, v in d.items()}
-                             for n, d in self.snapshot.items()}
+        self.snapshot = self.to_device(self.snapshot)
 
 
 # ----------------------------------------------------------------------------------------------

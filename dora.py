@@ -4,7 +4,8 @@ beamlora.py: the adapted weight W0 + scaling B diag(s) A is split into a directi
 divided by its norm) and a learned magnitude m per output row. The equations, and where we differ
 from the paper or PEFT, are in docs/DORA.md.
 
-    wrap             --method=dora: LoRA with magnitudes (--dora adds them to any LoRA-family method)
+    wrap             --method=dora: LoRA with magnitudes (--dora adds them to the other LoRA-family methods that
+                     allow it: lora.py's DORA)
     add_magnitudes   fill the layer's lora_magnitude_vector seam: m = ||W0 + scaling B diag(s) A||_row
     weight_norm      that row norm, a constant in backward (fp32, no graph)
     forward          the layer's output with DoRA, PEFT's formula (dropout, bias)

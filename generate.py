@@ -9,8 +9,7 @@ Generation for model.py's Transformer, gpt-fast style: functions that take the m
 
 The model's attention layers hold the cache (Attention.kv_cache, set here); the static cache and its compiled
 step are kept on the model (model.static_kv, model.compiled_step) so later calls reuse them. Everything runs
-through the model given (model.run, model.attn_mask): nothing is imported from model.py, which imports this file
-for its Transformer.generate method.
+through the model given (model.run, model.attn_mask): nothing is imported from model.py.
 """
 import torch
 import torch.nn as nn

@@ -306,7 +306,7 @@ class IncreController(Controller):
             m.gate.state.copy_(state["slots"][n])
             m.gate.ranknum.fill_(state["ranknum"][n])
         self.ramps = [tuple(r) for r in self.ramps]
-        self.prev = [[x.to(self.device()) for x in p] for p in self.prev]
+        self.prev = self.to_device(self.prev)
         if state["reached"]:
             self.detach()
 
@@ -314,13 +314,13 @@ class IncreController(Controller):
 def check(cfg):
     adalora.check_importance(cfg)
     check_range(cfg, "at least 1", "top_h")
-    (init_r, k), slots = ranks(cfg), rank(cfg)
+    (init_r, k), slots = start_and_step(cfg), rank(cfg)
     if init_r + k > slots:
         raise ConfigError(f"--max_r={cfg['max_r']}: {slots} slots per module cannot hold init_r={init_r} ranks and "
                           f"a reserve of {k}")
 
 
-def ranks(cfg):
+def start_and_step(cfg):
     """(ranks each module starts with, ranks added at a time and held in reserve)"""
     return cfg["init_r"] or max(1, cfg["r"] // 2), cfg["incre_rank_num"] or max(1, cfg["r"] // 2)
 
@@ -330,12 +330,12 @@ def rank(cfg):
 
 
 def wrap(model, cfg):
-    return add_slots(lora_layers(model, cfg, rank(cfg)), *ranks(cfg))
+    return add_slots(lora_layers(model, cfg, rank(cfg)), *start_and_step(cfg))
 
 
 def controller(mods, optimizer, cfg, total):
     """The additions spread so that the budget (r x modules) is reached at two thirds of the run."""
-    (init_r, k), budget = ranks(cfg), cfg["r"] * len(mods)
+    (init_r, k), budget = start_and_step(cfg), cfg["r"] * len(mods)
     warmup = cfg["incre_warmup"] if cfg["incre_warmup"] >= 0 else total // 10
     rounds = max(1, math.ceil((budget - init_r * len(mods)) / max(1, cfg["top_h"] * k)))
     return IncreController(

@@ -13,6 +13,8 @@ differently from plain LoRA; a hook it leaves out is taken from here (train.meth
     TRAINS_BASE     the base's own weights train (full fine-tuning: the base in fp32, no adapter)
     SHIPS           what the result is: adapter/ on the base, merged/ (ReLoRA) or model/ (full)
     DORA            --dora combines with it (a LoRA-family layer that PEFT also has with DoRA)
+The layer (LoRALinear and its seams) and the Controller are in beamlora.py; a method's settings must not share a
+name with another's, and module-level constants that are not settings are named in CAPITALS.
 """
 import os
 import shutil

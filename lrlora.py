@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn as nn
 
-from beamlora import Controller, event, lora_layers
+from beamlora import Controller, event, lora_layers, lora_scaling
 from configurator import ConfigError, check_range
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -83,7 +83,7 @@ def add_masks(modules, r, r_init, sampled=True):
     for name, m in modules.items():
         if not 0 < r <= m.r or not 0 <= r_init <= m.r:
             raise ValueError(f"{name}: the budget r={r} and r_init={r_init} must lie in (0, r_max={m.r}]")
-        m.scaling = m.alpha / math.sqrt(r) if m.rslora else m.alpha / r
+        m.scaling = lora_scaling(m.alpha, r, m.rslora)
         m.gate = RankMask(m.r, r_init, sampled, device=m.lora_A.device)
         m.gate.rho.lr_scale = 1.0
     return modules

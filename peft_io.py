@@ -16,17 +16,13 @@ import torch
 import torch.nn as nn
 
 import dora
-from beamlora import LoRALinear, lora_modules
-from model import load_safetensors, save_safetensors
+from beamlora import LoRALinear, lora_modules, lora_scaling
 from rundir import atomic_json
+from safetensors_io import load_safetensors, save_safetensors
 
 
 def peft_key(name, which):
     return f"base_model.model.{name}.{which}.weight"
-
-
-def peft_scaling(alpha, r, rslora):
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 @torch.no_grad()
@@ -51,7 +47,7 @@ def peft_factors(m, rank=None, alpha=None):
     if k > len(A):  # zero ranks add nothing: a module that kept none still has the shape PEFT expects
         A = torch.cat([A, A.new_zeros(k - len(A), A.shape[1])])
         B = torch.cat([B, B.new_zeros(B.shape[0], k - B.shape[1])], dim=1)
-    ratio = m.scaling / peft_scaling(m.alpha if alpha is None else alpha, k, m.rslora)
+    ratio = m.scaling / lora_scaling(m.alpha if alpha is None else alpha, k, m.rslora)
     if ratio != 1:
         A = A * ratio
     return A.cpu().contiguous(), B.cpu().contiguous()

@@ -20,10 +20,9 @@ import shutil
 import torch
 import torch.nn as nn
 
-import beamlora
 import lora
 import peft_io
-from beamlora import Controller, due, event
+from beamlora import Controller, due, event, lora_modules
 from configurator import ConfigError, check_range
 
 SHIPS = "merged"  # the cycles' sum is not low rank
@@ -127,7 +126,7 @@ class ReLoController(Controller):
 @torch.no_grad()
 def save_base(model, out_dir):
     """The model's frozen weights as they stand, without the adapters, as an HF checkpoint."""
-    mods = beamlora.lora_modules(model)
+    mods = lora_modules(model)
     for name, m in mods.items():  # plain linears on the same tensors while saving
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         lin.weight, lin.bias = m.weight, m.bias

@@ -166,9 +166,9 @@ def test_ddp_two_processes_match_one(base, demo_data, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(tinit=16), "tinit=16, tfinal=5 leave no steps"),
-    (dict(init_r=2), "final average rank r=3 must be between 1 and init_r"),
+    (dict(init_r=2), "--init_r=2: must be at least --r=3"),  # adalora.check, before anything is loaded
     (dict(orth="square"), "--orth=square"),
-    (dict(rslora=True), "--rslora does not apply"),
+    (dict(rslora=True), "--rslora: not with --method=adalora"),
 ])
 def test_bad_config(base, demo_data, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

@@ -200,7 +200,7 @@ def test_ddp_two_processes_match_one(base, demo_data, tmp_path):
     assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
 
 
-@pytest.mark.parametrize("change, message", [(dict(max_r=3), "max_r=3 slots cannot hold"),
+@pytest.mark.parametrize("change, message", [(dict(max_r=3), "--max_r=3: 3 slots per module cannot hold"),
                                              (dict(top_h=0), "top_h=0")])
 def test_bad_config(base, demo_data, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
