@@ -44,7 +44,7 @@ def child(which, gguf, out):
     """In a fresh process: convert (ours) or load (transformers); print seconds and peak RSS."""
     import torch
     torch.set_num_threads(threads)
-    from train import peak_rss_gib
+    from meter import peak_rss_gib
     base = peak_rss_gib()
     t = time.perf_counter()
     if which == "ours":

@@ -62,8 +62,8 @@ def loss_fn(side):
 def peak(device):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
-    import train
-    return train.peak_rss_gib() * 2**30
+    import meter
+    return meter.peak_rss_gib() * 2**30
 
 
 def reset_peak(device):

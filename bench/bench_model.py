@@ -39,7 +39,7 @@ def load_child(which, path):
     """Run in a subprocess: load, report seconds and peak RSS above the state after imports."""
     import transformers  # noqa: F401  (imported by both, so the baseline is the same)
     import model  # noqa: F401
-    from train import peak_rss_gib  # VmHWM: ru_maxrss would carry the parent's peak (it built the checkpoint)
+    from meter import peak_rss_gib  # VmHWM: ru_maxrss would carry the parent's peak (it built the checkpoint)
     base = peak_rss_gib() * 2**30
     t = time.perf_counter()
     if which == "ours":

@@ -72,7 +72,7 @@ DEFAULTS = dict(
     gpu_r=64,
     gpu_steps=12,  # timed steps per configuration (a multiple of dt: whole beam intervals)
     gpu_warmup=3,
-    peak_flops=0.0,  # one GPU's peak FLOP/s for MFU; 0: train.device_peak_flops (by name), none if unknown
+    peak_flops=0.0,  # one GPU's peak FLOP/s for MFU; 0: meter.device_peak_flops (by name), none if unknown
     out_json="",  # default: out/bench/bench_train.json (bench_train_gpu.json for --gpu_recipe)
     child="",  # internal: a subprocess's spec (JSON)
 )
@@ -373,8 +373,8 @@ def child(spec):
     ops0 = run.ops
     step_s = timed(run, spec["steps"], batch)
     tok_s = batch[0].numel() / step_s
-    import train
-    peak = spec.get("peak_flops") or train.device_peak_flops(spec["device"], spec["dtype"])  # None: no MFU
+    import meter
+    peak = spec.get("peak_flops") or meter.device_peak_flops(spec["device"], spec["dtype"])  # None: no MFU
     m = spec["model"]  # attention's matmuls (q k^T, then by v), forward + backward, causal mask not discounted:
     attn = 12 * m["num_hidden_layers"] * m["hidden_size"] * spec["shape"]["seq"]  # nanoGPT's / PaLM's 12 L d T
     flops = 6 * run.n_train + 4 * run.n_frozen + attn  # frozen: forward + input grads; trained: + weight grads

@@ -241,10 +241,10 @@ def run_one(spec):
     res = train.train(spec["train"])
     t1 = time.time()
     out = spec["train"]["out_dir"]
-    # what the method ships: an adapter on the base; full fine-tuning its model/; ReLoRA merged/ (not low rank)
-    method = spec["train"]["method"]
-    weights = {"full": [f"--model={out}/model"], "relora": [f"--model={out}/merged"]}.get(
-        method, [f"--model={spec['train']['init_from']}", f"--adapter={out}/adapter"])
+    # what the method ships (its SHIPS): an adapter on the base; full fine-tuning its model/; ReLoRA merged/
+    ships = train.method_hooks(spec["train"]).SHIPS
+    weights = [f"--model={out}/{ships}"] if ships != "adapter" else \
+        [f"--model={spec['train']['init_from']}", f"--adapter={out}/adapter"]
     summary = eval_lib.main(weights + ["--task=gsm8k",
                              f"--data={spec['test']}", f"--out={out}/eval", f"--limit={spec['eval_limit']}",
                              f"--batch_size={spec['eval_batch_size']}", f"--max_new_tokens={spec['max_new_tokens']}",

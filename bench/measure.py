@@ -55,8 +55,8 @@ def reset_peak_rss():
 
 def peak_rss():
     """This process's peak RSS in bytes (train.py's reading: VmHWM, not the ru_maxrss a child inherits)."""
-    import train
-    return train.peak_rss_gib() * 2**30
+    import meter
+    return meter.peak_rss_gib() * 2**30
 
 
 def timed(run, steps, batch):

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-import peft_io
-
 import beamlora
 import dataset
+import meter
+import peft_io
 import train
 from conftest import ROOT, free_port
 from model import Transformer, load_safetensors
@@ -262,8 +262,8 @@ def test_cli_one_line_errors(base, demo_data, tmp_path):
 ])
 def test_peak_flops_by_device_name(monkeypatch, name, dtype, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert train.device_peak_flops("cuda:0", dtype) == (tflops * 1e12 if tflops else None)
-    assert train.device_peak_flops("cpu", dtype) is None
+    assert meter.device_peak_flops("cuda:0", dtype) == (tflops * 1e12 if tflops else None)
+    assert meter.device_peak_flops("cpu", dtype) is None
 
 
 def test_no_mfu_on_cpu(base, demo_data, tmp_path, capsys):
