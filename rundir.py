@@ -8,14 +8,21 @@ so a killed and resumed run ends with the same files as one never killed.
     step, losses = load_state(ck, ckpt_path, model, optimizer, scaler, controller)  # into this run's objects
     start_writing(cfg, records)                                      # the run's first write
 
+    with OutDirLock(out_dir):          # one live run per out_dir (a file held with flock: a dead holder holds nothing)
+    with writes(path, last_good):      # an OSError while writing: one line naming the file and what is intact
+
 The records (events.jsonl, log.jsonl, scores.jsonl) get their rows of step t before the checkpoint of
 step t is written (sync_records flushes them to disk first): a checkpoint never covers a row that is
 missing, and rows after it are dropped on resume and written again by the steps that redo them.
 """
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 
 import torch
 
@@ -23,24 +30,73 @@ from configurator import ConfigError
 
 RECORDS = ("events.jsonl", "log.jsonl", "scores.jsonl")  # rows of a run's steps, each with its "step"
 RUN_FILES = ("ckpt.pt", *RECORDS, "adapter", "model", "merged", "merged_base")  # what a run writes into out_dir
+LOCK = "run.lock"  # train.py's lock in out_dir (OutDirLock): not a run's file, never deleted by --overwrite
+
+
+class WriteError(OSError):
+    """An OSError while a run writes (a full disk, a lost mount, no permission), as one line: the file and what is
+    intact (writes below). An OSError, so configurator.cli prints it as `error: ...` with no traceback."""
+
+
+class _Recorder:
+    # torch.save writes through this: a failed write (ENOSPC) leaves its OSError here, as torch.save itself
+    # reports only "[enforce fail at inline_container.cc] unexpected pos" (a RuntimeError) for it
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
 
 
 def atomic_save(obj, path, tmp=None):
-    # a temp file on disk, then renamed over the old one: a kill at any moment leaves the old file or the new
+    # a temp file on disk, then renamed over the old one: a kill at any moment leaves the old file or the new.
+    # A failed write raises the OSError (naming the temp file) and deletes the temp file: the old file stays.
     tmp = tmp or path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            out = _Recorder(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise OSError(out.error.errno, out.error.strerror, tmp) from None
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        _remove_quietly(tmp)  # a full disk gets its space back
+        if e.filename is None:  # a write or fsync names no file
+            raise OSError(e.errno, e.strerror, tmp) from None
+        raise
     os.replace(tmp, path)
 
 
 def atomic_json(obj, path):
     # the same for a JSON record beside the checkpoint (LR-LoRA's ranks.json, an adapter's config)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    except OSError as e:
+        _remove_quietly(tmp)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, tmp) from None
+        raise
     os.replace(tmp, path)
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def file_digest(path):
@@ -136,9 +192,10 @@ def check_out_dir(cfg, defaults, may_change, prints):
     return ck, read_records(out, ck["step"])
 
 
-def load_state(ck, path, model, optimizer, scaler, controller, cuda=False):
+def load_state(ck, path, model, optimizer, scaler, controller, cuda=False, rank=0, world=1):
     """The checkpoint's trained tensors, optimizer, scaler, controller state and random state (cuda: the GPU's too)
-    into this run's objects. -> (its step, the losses of its steps since the last log row)"""
+    into this run's objects; under torchrun each process's own random state where the checkpoint has one for each
+    (rng_cpu_ranks: their dropout draws differ). -> (its step, the losses of its steps since the last log row)"""
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = ck["params"]
     if saved.keys() != trained.keys() or any(saved[n].shape != p.shape for n, p in trained.items()):
@@ -154,9 +211,10 @@ def load_state(ck, path, model, optimizer, scaler, controller, cuda=False):
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError(f"{path}: does not fit this run ({type(e).__name__}: {first})") from None
-    torch.set_rng_state(ck["rng_cpu"])
+    own = world > 1 and len(ck.get("rng_cpu_ranks", ())) == world  # else: process 0's state for every process
+    torch.set_rng_state(ck["rng_cpu_ranks"][rank] if own else ck["rng_cpu"])
     if cuda and "rng_cuda" in ck:
-        torch.cuda.set_rng_state(ck["rng_cuda"])
+        torch.cuda.set_rng_state(ck["rng_cuda_ranks"][rank] if own and "rng_cuda_ranks" in ck else ck["rng_cuda"])
     return ck["step"], list(ck.get("log_losses", []))
 
 
@@ -193,3 +251,121 @@ def sync_records(out_dir):
             fd = os.open(path, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# faults of a shared machine: a second run on the same out_dir, a disk that fills
+
+class OutDirLock:
+    """One live run per directory: DIR/name held with fcntl.flock for as long as the holder lives. The kernel drops
+    the lock when its process dies, SIGKILL included, so a dead run never blocks the next one; on NFS the server
+    drops a lost node's locks when its lease runs out (NFSv4: about 90 s). The file holds "pid host" of the holder,
+    for the one-line refusal of the next. It is removed on release, and a run checks after locking that the file it
+    locked is still the one at the path (one that opened it just before the holder removed it takes the new file),
+    so two runs never both hold it. take=False: nothing (under torchrun only rank 0 takes it: once per run).
+
+        with OutDirLock(cfg["out_dir"]):   # before anything reads the out_dir; ConfigError if a live run holds it
+    """
+
+    def __init__(self, directory, name=LOCK, what="--out_dir", take=True):
+        self.dir, self.path, self.what, self.take = directory, os.path.join(directory, name), what, take
+        self.fd, self.made = None, []
+
+    def __enter__(self):
+        if self.take:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def acquire(self):
+        missing, d = [], os.path.abspath(self.dir)
+        while not os.path.isdir(d):  # the directories this run creates: removed again if it leaves them empty
+            missing.append(d)
+            d = os.path.dirname(d)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self.made = missing
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 256, 0).decode(errors="replace").split()
+                    os.close(fd)
+                    who = f"pid {holder[0]} on {holder[1]}" if len(holder) == 2 else "a run that is starting"
+                    self.release()
+                    raise ConfigError(f"{self.dir}: in use by a live run ({who}; it holds {self.path}): wait for it to "
+                                      f"end or give another {self.what}") from None
+                except OSError as e:
+                    if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        os.close(fd)
+                        raise
+                    print(f"{self.path}: this filesystem has no file locks ({e.strerror}): nothing stops a second "
+                          f"run in {self.dir}")
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)  # its holder removed it between our open and our lock: take the file at the path now
+            self.fd = fd
+        except OSError as e:
+            self.release()
+            raise ConfigError(f"{e.filename or self.path}: cannot lock {self.what} ({e.strerror})") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same, the next run's message just cannot name us
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    os.remove(self.path)  # while still locked: see the class's docstring
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        for d in self.made:  # deepest first; only while empty (a run that wrote nothing leaves no directory)
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        self.made = []
+
+
+def intact(last_good):
+    """What a failed write leaves: last_good = (step, path) of the last checkpoint on disk, or None."""
+    if last_good is None:
+        return "no checkpoint yet: the run starts over with --overwrite"
+    return f"the last good checkpoint is step {last_good[0]} ({last_good[1]}); --resume continues from it"
+
+
+def newest_tmp(directory):
+    """The most recently written temp file under `directory`, or None."""
+    tmps = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs if f.endswith(".tmp")]
+    return max(tmps, key=os.path.getmtime, default=None)
+
+
+@contextlib.contextmanager
+def writes(what, last_good):
+    """An OSError inside (a full disk, EIO, a read-only remount, no permission) -> WriteError, one line: the file,
+    the reason, and what is intact (`intact`). The file: the error's own; a failed write() names none, and every
+    writer of a run writes a temp file and renames it into place, so under a directory `what` it is the newest temp
+    file (removed: a full disk gets its space back); else `what`. Every file a run writes is either whole or a record
+    that --resume cuts back, so that line is the whole story."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        name = e.filename
+        if name is None and os.path.isdir(what):
+            name = newest_tmp(what)
+            if name:
+                _remove_quietly(name)
+        raise WriteError(f"{name or what}: cannot write ({e.strerror or e}); {intact(last_good)}") from None
