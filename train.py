@@ -8,11 +8,18 @@ Fine-tune a LLaMA / Mistral checkpoint with BeamLoRA, the LoRA-family methods it
     python train.py config/llama2_7b_metamath_beamlora.py --resume    # continue from out_dir/ckpt.pt
     python train.py config/llama2_7b_metamath_beamlora.py --overwrite # start over in an out_dir that holds a run
 
-Writes to out_dir: ckpt.pt (every save_interval steps and at the end), events.jsonl (one line per event of the
+Writes to out_dir: ckpt.pt (every save_interval_min minutes, every save_interval steps, at the end and when
+stopped by SIGTERM or SIGUSR1), events.jsonl (one line per event of the
 method: BeamLoRA's prune/expand, ...), log.jsonl, scores.jsonl, and what the method ships: adapter/ (PEFT format,
 every gate folded in; merged/ too with --save_merged), model/ (full) or merged/ with merged_base/ (relora).
 Every input is checked before anything is loaded or written; a killed run continued with --resume ends with the
 same files as one never killed (the .jsonl records are cut back to the checkpoint's step).
+
+On a shared cluster: one live run per out_dir (out_dir/run.lock, held with flock: a second start stops naming
+the holder's pid and host; a dead holder blocks nothing); SIGTERM or SIGUSR1 (a preemption; under torchrun on every
+rank) ends the current step, checkpoints and exits 128 + the signal (143, 138); a failed write (a full disk) is one
+line naming the file and the last good checkpoint; under torchrun every rank leaves the process group in an order
+that cannot hang (end_ddp) and ends its process once its output is flushed.
 
 A method is a module (METHODS below; lora.py lists its hooks): its settings join this file's, its wrap fills the
 one LoRA layer's seams, and its controller (beamlora.Controller) is called the same way for every method:
@@ -26,8 +33,13 @@ import json
 import math
 import os
 import re
+import signal
+import sys
+import threading
 import time
+import traceback
 import types
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -95,7 +107,9 @@ seed = 1337  # data order, adapter init and BeamLoRA's random choices
 log_interval = 10  # steps between log lines (console and log.jsonl)
 eval_interval = 0  # 0: held-out loss only at the end
 score_log_interval = 0  # write rank importance (scores, ||b_i a_i||) to scores.jsonl every N steps
-save_interval = 0  # 0: checkpoint only at the end
+save_interval = 0  # steps between checkpoints (0: none by steps)
+save_interval_min = 30.0  # minutes of wall time between checkpoints (0: none by time), and at least 100 times the
+                          # last checkpoint's write time: checkpoints cost at most 1% of the run (bench_checkpoint)
 resume = False  # continue from out_dir/ckpt.pt
 overwrite = False  # a fresh run into an out_dir that holds a run's files deletes them (else it refuses)
 stop_after = 0  # stop with a checkpoint after this many steps of this run (a job time limit); --resume goes on
@@ -127,8 +141,15 @@ DOC_FILES = [__file__] + [m.__file__ for m in METHODS.values()]  # where --help 
 # --resume: the keys that may differ from the checkpoint's, as they change where and how the run executes,
 # logs, checkpoints and exports, not what it computes. Every other key, a new method's too, must match.
 MAY_CHANGE_ON_RESUME = ("out_dir", "resume", "overwrite", "device", "compile", "gradient_checkpointing",
-                        "log_interval", "eval_interval", "score_log_interval", "save_interval", "stop_after",
-                        "save_merged", "export_rank", "peak_flops", "wandb_log", "wandb_project", "wandb_run_name")
+                        "log_interval", "eval_interval", "score_log_interval", "save_interval", "save_interval_min",
+                        "stop_after", "save_merged", "export_rank", "peak_flops", "wandb_log", "wandb_project",
+                        "wandb_run_name")
+# options added after ckpt.pt's config was first written: recorded there only when they differ from their default
+# (rundir.changes reads a missing key as its default, the rule for every key added since), so a run that leaves them
+# alone writes the very checkpoint it wrote before they existed (bench/same_numbers.py compares it bit for bit)
+RECORDED_IF_SET = ("save_interval_min",)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a preemption (SLURM, Kubernetes: SIGTERM; SLURM --signal: USR1)
+SAVE_COST = 0.01  # a time-based checkpoint waits for at least 1 / SAVE_COST times the last one's write time
 # -----------------------------------------------------------------------------
 
 
@@ -185,8 +206,8 @@ def check_config(cfg, world=1):
     check_range(cfg, "at least 2", "max_len")
     check_range(cfg, "positive", "alpha")
     check_range(cfg, "0 or more", "epochs", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
-                "eval_interval", "score_log_interval", "save_interval", "stop_after", "export_rank", "seed",
-                "peak_flops")
+                "eval_interval", "score_log_interval", "save_interval", "save_interval_min", "stop_after",
+                "export_rank", "seed", "peak_flops")
     check_range(cfg, "in [0, 1)", "dropout", "beta1", "beta2")
     check_range(cfg, "in [0, 1]", "warmup_ratio")
     if cfg["min_lr"] > cfg["lr"]:
@@ -330,10 +351,57 @@ def setup_ddp(cfg):
     return True, dist.get_rank(), dist.get_world_size()
 
 
+class Preemption:
+    """SIGTERM / SIGUSR1 from the loop's start to train()'s return: the handler only notes the first signal (so a
+    second one, during the checkpoint it causes, changes nothing: that save and every other is a temp file renamed
+    into place); the loop reads it after each optimizer step. Before the loop the signals keep their own action (this
+    run has done no step to save); after the last step the run finishes (its final checkpoint first; a kill during
+    the export is what --resume redoes). Only the main thread may set handlers (train() in another thread: none)."""
+
+    def __init__(self):
+        self.signum, self.old = 0, {}
+
+    def arm(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self.note) for s in STOP_SIGNALS}
+
+    def note(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def disarm(self):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        self.old = {}
+
+    def agreed(self, ddp, device, save):
+        """-> (the signal every process stops for after this step, or 0; whether every process checkpoints now).
+        Under DDP the largest signal any process has seen, and process 0's `save` (a time-based checkpoint is its
+        clock's call): one all_reduce of two numbers per step (bench/ddp_exit.py measures it), so that every process
+        stops, and saves, at the same step. Else this process's own."""
+        if not ddp:
+            return self.signum, save
+        flag = torch.tensor([self.signum, int(save)], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag[0]), bool(flag[1])
+
+
 def train(cfg):
-    """Runs one training job; returns a summary dict (losses, held-out loss, wall time, peak memory)."""
+    """Runs one training job; returns a summary dict (losses, held-out loss, wall time, peak memory; "stopped"
+    and "signal" when stopped early). Holds out_dir's lock throughout (rank 0 under torchrun)."""
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
     check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1)
+    # the lock before anything reads the out_dir (check_out_dir): a second run stops here, having touched nothing.
+    # Rank 0 only: a run takes it once (the ranks of one run are one run), before any rank can write
+    preemption = Preemption()
+    try:
+        with rundir.OutDirLock(cfg["out_dir"], take=int(os.environ.get("RANK", 0)) == 0):
+            return run_locked(cfg, ddp, preemption)
+    finally:
+        preemption.disarm()
+
+
+def run_locked(cfg, ddp, preemption):
+    """train() once out_dir is this run's."""
     # every input is read and checked before anything is loaded or written: a bad one costs seconds and no file
     method = method_hooks(cfg)
     config, config_path, args = model_args(cfg)
@@ -376,10 +444,14 @@ def train(cfg):
 
     step, ckpt_path = 0, os.path.join(cfg["out_dir"], "ckpt.pt")
     pending = []  # the losses of the steps since the last log row: that row's mean, carried across a resume
+    good = None  # (step, path) of the last checkpoint on disk: what a failed write reports as intact
     if ck is not None:  # the trained tensors, optimizer, controller, random state, and the log row's losses so far
-        step, pending = rundir.load_state(ck, ckpt_path, model, optimizer, scaler, controller, cuda=dev_type == "cuda")
+        step, pending = rundir.load_state(ck, ckpt_path, model, optimizer, scaler, controller, cuda=dev_type == "cuda",
+                                          rank=rank, world=world)
+        good = (step, ckpt_path)
     if master:  # every check passed: the first write of this run
-        rundir.start_writing(cfg, records)
+        with rundir.writes(cfg["out_dir"], good):
+            rundir.start_writing(cfg, records)
         if ck is not None:
             print(f"resumed from {ckpt_path} at step {step}")
 
@@ -389,6 +461,7 @@ def train(cfg):
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.cuda.current_device()] if dev_type == "cuda" else None)
+        wrapper = weakref.ref(model)  # end_ddp checks that it is gone before the process group goes
     if cfg["wandb_log"] and master:
         import wandb
         wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
@@ -398,21 +471,59 @@ def train(cfg):
               f"processes)" + (f", dt={controller.dt}" if hasattr(controller, "dt") else ""))
 
     def save_checkpoint():
-        rundir.sync_records(cfg["out_dir"])  # the rows this checkpoint covers are on disk before it is
-        ck = {"params": {n: p.detach() for n, p in raw_model.named_parameters() if p.requires_grad},
-              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-              "config": json.dumps(cfg), "fingerprints": {k: digest for k, (_, digest) in prints.items()},
-              "log_losses": pending, "rng_cpu": torch.get_rng_state()}
-        if controller.state_dict():  # the method's own state (none for LoRA)
-            ck["controller"] = controller.state_dict()
-        if dev_type == "cuda":
-            ck["rng_cuda"] = torch.cuda.get_rng_state()
-        atomic_save(ck, ckpt_path)
+        """Called by every process at the same steps (under DDP their random states are gathered: the dropout draws
+        of each differ); process 0 writes. Reads the state, changes none of it (no random draw, no tensor written):
+        when it runs changes no number."""
+        nonlocal good, saved
+        t = time.time()
+        states = None
+        if ddp:
+            states = [None] * world
+            dist.all_gather_object(states, (torch.get_rng_state(),
+                                            torch.cuda.get_rng_state() if dev_type == "cuda" else None))
+        saved = {"step": step, "at": time.time(), "took": 0.0}
+        if not master:
+            return
+        recorded = {k: v for k, v in cfg.items() if not (k in RECORDED_IF_SET and v == DEFAULTS[k])}
+        with rundir.writes(ckpt_path, good):
+            rundir.sync_records(cfg["out_dir"])  # the rows this checkpoint covers are on disk before it is
+            ck = {"params": {n: p.detach() for n, p in raw_model.named_parameters() if p.requires_grad},
+                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                  "config": json.dumps(recorded), "fingerprints": {k: digest for k, (_, digest) in prints.items()},
+                  "log_losses": pending, "rng_cpu": torch.get_rng_state()}
+            if controller.state_dict():  # the method's own state (none for LoRA)
+                ck["controller"] = controller.state_dict()
+            if dev_type == "cuda":
+                ck["rng_cuda"] = torch.cuda.get_rng_state()
+            if states:  # each process's own, for a resume on as many processes
+                ck["rng_cpu_ranks"] = [cpu for cpu, _ in states]
+                if dev_type == "cuda":
+                    ck["rng_cuda_ranks"] = [gpu for _, gpu in states]
+            atomic_save(ck, ckpt_path)
+        good, saved = (step, ckpt_path), {"step": step, "at": time.time(), "took": time.time() - t}
+
+    def save_due():
+        """A checkpoint by steps (save_interval) or by wall time: save_interval_min since the last one (or the loop's
+        start), and never sooner than 1 / SAVE_COST times its write time, so saving costs at most SAVE_COST of the
+        run however slow the disk. Read from the clock only: it decides when to save, never what is computed. Under
+        DDP process 0's answer is every process's (Preemption.agreed)."""
+        if step >= total:  # the final checkpoint follows the loop
+            return False
+        if cfg["save_interval"] and step % cfg["save_interval"] == 0:
+            return True
+        wait = max(60 * cfg["save_interval_min"], saved["took"] / SAVE_COST)
+        return cfg["save_interval_min"] > 0 and time.time() - saved["at"] >= wait
+
+    def record(name, row):
+        with rundir.writes(os.path.join(cfg["out_dir"], name), good):
+            append_jsonl(os.path.join(cfg["out_dir"], name), row)
 
     meter = Meter(cfg, n_train, n_frozen, world, total, step)
+    saved = {"step": step, "at": meter.t_start, "took": 0.0}  # the last checkpoint: its step, when, how long it took
     if master and not meter.peak and dev_type == "cuda":
         print(f"no MFU: no {cfg['dtype']} peak known for {torch.cuda.get_device_name(cfg['device'])}; "
               "give --peak_flops=<FLOP/s of one GPU>")
+    preemption.arm()
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
         if epoch != plan_epoch:  # the batch plan once per epoch (a resume recomputes its epoch's once)
@@ -454,42 +565,61 @@ def train(cfg):
         # records: rows of this step, appended before any checkpoint of it (a resume cuts them back to its step)
         if event and master:
             print(f"step {step}: {event.get('note', event.get('kind', 'event'))}")
-            append_jsonl(os.path.join(cfg["out_dir"], "events.jsonl"), event)
+            record("events.jsonl", event)
         if master and cfg["score_log_interval"] and (step % cfg["score_log_interval"] == 0 or step == 1):
             imp = {n: {k: v.tolist() for k, v in d.items()} for n, d in beamlora.rank_importance(raw_model).items()}
-            append_jsonl(os.path.join(cfg["out_dir"], "scores.jsonl"), {"step": step, "modules": imp})
+            record("scores.jsonl", {"step": step, "modules": imp})
         if master and (step % cfg["log_interval"] == 0 or step == total):
             row = meter.log(step, pending, optimizer.param_groups[0]["lr"], controller.log(step))
-            append_jsonl(os.path.join(cfg["out_dir"], "log.jsonl"), row)
+            record("log.jsonl", row)
             if cfg["wandb_log"]:
                 wandb.log(row)
             pending = []
         if val_ex and cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and master:
             print(f"step {step}: held-out loss {heldout_loss(raw_model, val_ex, cfg, ctx):.4f}")
-        if master and cfg["save_interval"] and step % cfg["save_interval"] == 0 and step < total:
+        # every process: the same answers at the same step
+        signum, save = preemption.agreed(ddp, cfg["device"], master and save_due())
+        if save:
             save_checkpoint()
-        if cfg["stop_after"] and step - meter.start_step >= cfg["stop_after"] and step < total:
+        if not ddp:  # a signal during that save stops the run now (under DDP: the ranks agree after the next step)
+            signum = preemption.signum
+        stop_after = cfg["stop_after"] and step - meter.start_step >= cfg["stop_after"]
+        stop = (signum or stop_after) and step < total
+        if stop and saved["step"] != step:
+            save_checkpoint()
+        if stop:
             if master:
-                save_checkpoint()
-                print(f"stopped after step {step} (--stop_after); --resume continues")
+                why = f"by {signal.Signals(signum).name}" if signum else "(--stop_after)"
+                print(f"stopped {why} after step {step}: {ckpt_path} holds it and its records; --resume continues",
+                      flush=True)
+                if cfg["wandb_log"]:
+                    wandb.finish()  # under torchrun the process ends without atexit handlers (exit_at_once)
             if ddp:
-                end_ddp()
-            return {"losses": meter.losses, "steps": step, "stopped": True}
+                model = None  # the DDP wrapper: gone before the process group (end_ddp)
+                end_ddp(wrapper)
+            return {"losses": meter.losses, "steps": step, "stopped": True, "signal": signum}
 
     if ddp:  # the methods decide without communicating: check once that every process holds the same weights
         check_replicas(params, rank)
     result = {"losses": meter.losses, "steps": total, "wall_s": time.time() - meter.t_start,
               "peak_mem_gib": peak_memory_gib(dev_type)}
+    save_checkpoint()
     if master:
-        save_checkpoint()
-        for name, obj in controller.final().items():  # the method's own records (LR-LoRA: ranks.json)
-            atomic_json(obj, os.path.join(cfg["out_dir"], name))
-        method.export(raw_model, controller, cfg, tok.path)
+        if preemption.signum:
+            print(f"{signal.Signals(preemption.signum).name} after the last step: the run finishes ({ckpt_path} is "
+                  "its final checkpoint; a kill during the export: --resume redoes only the export)", flush=True)
+        with rundir.writes(cfg["out_dir"], good):
+            for name, obj in controller.final().items():  # the method's own records (LR-LoRA: ranks.json)
+                atomic_json(obj, os.path.join(cfg["out_dir"], name))
+            method.export(raw_model, controller, cfg, tok.path)
         if val_ex:
             result["val_loss"] = heldout_loss(raw_model, val_ex, cfg, ctx)
             print(f"held-out loss {result['val_loss']:.4f}")
+        if cfg["wandb_log"]:
+            wandb.finish()  # under torchrun the process ends without atexit handlers (exit_at_once)
     if ddp:
-        end_ddp()
+        model = None
+        end_ddp(wrapper)
     return result
 
 
@@ -502,7 +632,18 @@ def check_replicas(params, rank):
         raise RuntimeError(f"process {rank}: trained parameters differ from process 0's")
 
 
-def end_ddp():
+def end_ddp(wrapper=None):
+    """Leaves the process group in an order that cannot hang. A DDP wrapper still alive when the group is destroyed
+    keeps its reducer, whose deallocation later (when train() returns, or at the garbage collector's whim) drops the
+    last reference to the destroyed gloo group: the group's destructor then joins a worker thread that waits for the
+    GIL this thread holds, and the process hangs for good (pytorch issues 56297, 75097; 1 of 22 2-process runs here).
+    So: the caller drops its references to the wrapper, the collector frees any cycle still holding it (checked:
+    `wrapper` is a weakref to it), the barrier waits until every process got here and the group's outstanding work
+    is done, and only then is the group destroyed, with nothing left that refers to it."""
+    gc.collect()
+    if wrapper is not None and wrapper() is not None:
+        raise RuntimeError("end_ddp: the DDP wrapper is still referenced; destroying the process group now could "
+                           "hang this process when it is freed later")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -516,8 +657,40 @@ def main(argv):
     if not argv:  # no arguments: the offline demo, which calls back through `run` (it imports nothing of train.py)
         import demo
         return demo.main([], run)
-    return train(parse_args(argv, DEFAULTS, DOC_FILES))
+    result = train(parse_args(argv, DEFAULTS, DOC_FILES))
+    if result.get("signal"):  # stopped by SIGTERM / SIGUSR1: 143 / 138, as a shell reports a process they end
+        sys.exit(128 + result["signal"])
+    return result
+
+
+def exit_at_once(code):
+    """Under torchrun, after the run (its files written and closed, the process group destroyed): the process ends
+    here, with its exit code, without the interpreter's teardown. That teardown frees whatever is left in any order
+    (a late destructor of a torch.distributed object, a thread join) and is where a finished rank could still hang;
+    nothing the run wrote is lost by skipping it (only Python's own buffers, flushed here)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def script():
+    """`python train.py ...` and each torchrun rank: main() through configurator.cli (bad input: one line, no
+    traceback; BEAMLORA_DEBUG=1 shows it); under torchrun the process then ends in exit_at_once, whatever happened."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return cli(main)
+    code = 1
+    try:
+        cli(main)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        exit_at_once(code)
 
 
 if __name__ == "__main__":
-    cli(main)  # bad input: one line, no traceback (BEAMLORA_DEBUG=1 shows it)
+    script()
