@@ -560,6 +560,23 @@ def main(argv):
     # read the data before the slow imports and the model load: bad input fails fast
     examples = ppl_texts(cfg["data"]) if task == "ppl" else \
         [make_example(task, row, cfg["data"], i) for i, row in read_jsonl(cfg["data"])][:limit]
+    # one evaluation at a time writes into --out: its lock (rundir.OutDirLock, flock: a dead holder blocks nothing),
+    # taken before the model loads; a second one stops here naming the holder's pid and host. rundir loads torch,
+    # which the model's load below does anyway
+    from rundir import OutDirLock
+    lock = OutDirLock(cfg["out"], name="eval.lock", what="--out")
+    try:
+        lock.acquire()
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
+    try:
+        return evaluate(cfg, task, limit, examples)
+    finally:
+        lock.release()
+
+
+def evaluate(cfg, task, limit, examples):
+    """main() once --out is this evaluation's."""
     model, tok, device = load_model(cfg["model"], cfg["adapter"], cfg["device"], cfg["dtype"])
 
     settings = {k: cfg[k] for k in ("model", "adapter", "data", "limit", "batch_size", "dtype", "timeout")}
