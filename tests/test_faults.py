@@ -309,12 +309,12 @@ def test_checkpoints_by_time_change_no_number_and_cost_at_most_one_percent(base,
     ck = torch.load(tmp_path / "every" / "ckpt.pt", weights_only=True)
     assert json.loads(ck["config"])["save_interval_min"] == 1e-9  # recorded when set; at its default it is not:
     assert "save_interval_min" not in json.loads(torch.load(ref / "ckpt.pt", weights_only=True)["config"])
-    # with the floor: a checkpoint that takes 0.2 s is followed by none for 100 x 0.2 s
+    # with the floor: a checkpoint that takes 0.5 s is followed by none for 100 x 0.5 s (the run takes a few)
     monkeypatch.setattr(train, "SAVE_COST", 0.01)
     saves.clear()
 
     def slow(obj, path, tmp=None):
-        time.sleep(0.2)
+        time.sleep(0.5)
         atomic_save(obj, path, tmp)
     monkeypatch.setattr(train, "atomic_save", slow)
     train.train(cfg_for(base, demo_data, tmp_path / "slow", **dict(KW, save_interval=0, save_interval_min=1e-9)))
