@@ -3,7 +3,8 @@ The training data: jsonl records (or plain text) -> token ids and loss labels, c
 batch's tensors, for train.py's loop. eval.py writes the same prompts again (its ALPACA, METAMATH), as the official
 scripts do; tests/test_demo_data.py checks that eval.py's prompt is a token prefix of each training sequence.
 
-    segments        one record -> [(text, trained?)] for each --data_format (metamathqa, gsm8k, alpaca, chat)
+    segments        one record -> [(text, trained?)] for the text formats (metamathqa, gsm8k, alpaca, alpaca_chat)
+    example_ids     one record -> (ids, labels); chat: the tokenizer's own chat template (tokenizer.chat_turns)
     tokenize_file   a file -> [(ids, labels)], labels -100 where no loss; cached next to the data (or in out_dir)
     epoch_batches   an epoch's global batches: shuffled, length-sorted within chunks, batch order shuffled
     collate         a batch -> (x, y) padded on the right, y shifted by one
@@ -16,6 +17,7 @@ import torch
 
 from configurator import ConfigError
 from rundir import atomic_save
+from tokenizer import CHAT_FORMATS, chat_turns
 
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
@@ -23,6 +25,8 @@ PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
                 "{instruction}\n\n### Input:\n{input}\n\n### Response:")
 GSM8K_ANSWER = "The answer is: "  # MetaMath's answer line, which eval.py's gsm8k task extracts
+FORMATS = ("metamathqa", "alpaca", "gsm8k", "chat", "alpaca_chat")  # --data_format
+CHAT_RENDER = "chat_turns v1"  # in the cache key of chat data: a change of the rendering code tokenizes anew
 
 
 def field(ex, key):
@@ -44,8 +48,8 @@ def segments(ex, data_format):
         p = PROMPT_INPUT.format(instruction=field(ex, "instruction"), input=field(ex, "input")) if ex.get("input") \
             else PROMPT.format(instruction=field(ex, "instruction"))
         return [(p, False), (field(ex, "output"), True)]
-    if data_format == "chat":  # every assistant turn is trained; user turns are prompts
-        out, first = [], True
+    if data_format == "alpaca_chat":  # messages in the Alpaca template (the paper's code runs): every assistant
+        out, first = [], True  # turn trained, user turns the instructions; no system turn (it has no place there)
         if not isinstance(ex["messages"], list) or not all(isinstance(m, dict) for m in ex["messages"]):
             raise TypeError("field 'messages' must be a list of {role, content} objects")
         for m in ex["messages"]:
@@ -55,8 +59,24 @@ def segments(ex, data_format):
                 out.append((PROMPT.format(instruction=field(m, "content")) if first else
                             f"\n\n### Instruction:\n{m['content']}\n\n### Response:", False))
                 first = False
+            else:
+                raise TypeError(f"a {m['role']!r} turn has no place in the Alpaca template (user and assistant only); "
+                                "--data_format=chat keeps it, in the tokenizer's chat template")
         return out
-    raise ConfigError(f"--data_format: unknown {data_format!r} (metamathqa, alpaca, gsm8k, chat)")
+    raise ConfigError(f"--data_format: unknown {data_format!r} ({', '.join(FORMATS)})")
+
+
+def example_ids(ex, data_format, tok):
+    """One jsonl record -> (ids, labels), labels -100 where there is no loss. chat: the conversation in the
+    tokenizer's own chat template (ChatML, Llama-3's, Mistral's), system turns kept, the assistant replies trained
+    (tokenizer.chat_turns); the text formats: each prompt without loss, each response trained and ended by EOS."""
+    if data_format == "chat":
+        turns = chat_turns(tok, ex["messages"])  # a KeyError names the missing field
+    else:
+        turns = [(tok.encode(text, bos=i == 0, eos=trained), trained)
+                 for i, (text, trained) in enumerate(segments(ex, data_format))]
+    ids = [t for part, _ in turns for t in part]
+    return ids, [t if trained else -100 for part, trained in turns for t in part]
 
 
 def read_lines(path, error=ConfigError):
@@ -71,9 +91,13 @@ def read_lines(path, error=ConfigError):
 
 def tokenize_file(path, tok, cfg):
     """-> list of (ids, labels) int lists. Cached next to the data (or in out_dir) keyed by settings."""
+    fmt = cfg["data_format"]
+    if fmt == "chat" and not path.endswith(".txt") and tok.chat_format not in CHAT_FORMATS:
+        raise ConfigError(f"--data_format=chat: {tok.path} has no chat template (ChatML, Llama-3's or Mistral's "
+                          "[INST]) to train in; --data_format=alpaca_chat trains the messages in the Alpaca template")
     h = hashlib.sha256()
-    for part in (path, str(os.path.getmtime(path)), str(os.path.getsize(path)), cfg["data_format"],
-                 str(cfg["max_len"]), PROMPT, GSM8K_ANSWER):
+    for part in (path, str(os.path.getmtime(path)), str(os.path.getsize(path)), fmt, str(cfg["max_len"]), PROMPT,
+                 GSM8K_ANSWER, *[CHAT_RENDER] * (fmt == "chat")):
         h.update(part.encode())
     with open(tok.path, "rb") as f:
         h.update(f.read())
@@ -87,7 +111,7 @@ def tokenize_file(path, tok, cfg):
                                                                           c["labels"].split(c["lens"].tolist()))]
             except Exception:  # unreadable (not ours, or damaged): tokenize again
                 pass
-    examples, truncated, n_read, fmt = [], 0, 0, cfg["data_format"]
+    examples, truncated, n_read = [], 0, 0
     if path.endswith(".txt"):  # plain text: blocks of max_len tokens, loss on every token
         ids = tok.encode("".join(text for _, text in read_lines(path)), bos=True, eos=True)
         examples = [(ids[i:i + cfg["max_len"]], ids[i:i + cfg["max_len"]])
@@ -100,18 +124,15 @@ def tokenize_file(path, tok, cfg):
                 ex = json.loads(line)
                 if not isinstance(ex, dict):
                     raise TypeError(f"a line must be a JSON object, not {type(ex).__name__}")
-                segs = segments(ex, fmt)
+                ids, labels = example_ids(ex, fmt, tok)
+            except ConfigError:  # an unknown format: not the line's fault
+                raise
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
             except KeyError as e:
                 raise ConfigError(f"{path}:{n}: no field {e.args[0]!r} (data_format={fmt})") from None
-            except (TypeError, AttributeError) as e:
+            except (TypeError, AttributeError, ValueError) as e:  # chat_turns: a ValueError names what is wrong
                 raise ConfigError(f"{path}:{n}: {e} (data_format={fmt})") from None
-            ids, labels = [], []
-            for i, (text, trained) in enumerate(segs):
-                t = tok.encode(text, bos=i == 0, eos=trained)  # every response ends with EOS, trained
-                ids += t
-                labels += t if trained else [-100] * len(t)
             truncated += len(ids) > cfg["max_len"]
             n_read += 1
             if any(x != -100 for x in labels[1:cfg["max_len"]]):

@@ -8,6 +8,7 @@ checkpoint, loaded by the same code as eval.py. The text is printed as it is gen
     python sample.py --model=out/run/merged --template=alpaca --prompt_file=questions.txt --temperature=0.7
     python sample.py --model=checkpoints/Llama-2-7b-hf --adapter=out/run/adapter --template=alpaca --interactive
     python sample.py --model=checkpoints/Llama-2-7b-hf --device=cuda --dtype=bfloat16 --compile --interactive
+    python sample.py --model=models/smollm2/SmolLM2-135M-Instruct --template=chat --prompt="What is 17 + 25?"
 
 --template wraps each prompt in a training template, with eval.py's strings: alpaca (train.py's prompt) or
 metamath (MetaMath's, as eval.py's gsm8k and math tasks prompt: "... ### Response: Let's think step by
@@ -19,6 +20,7 @@ import sys
 
 import eval as ev
 from configurator import ConfigError, cli, parse_args
+from tokenizer import CHAT_FORMATS, encode_chat
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by --key=value (see configurator.py)
@@ -31,7 +33,9 @@ device = "auto"  # auto (cuda if there is one) | cpu | cuda | cuda:N
 prompt = ""  # a prompt; give --prompt=... several times for several
 prompt_file = ""  # prompts: a .txt file, one a line, or .jsonl with instruction (+ input), query, question or prompt
 interactive = False  # then read prompts from the terminal, one a line, until an empty line or Ctrl-D
-template = "none"  # none (the prompt as it is) | alpaca | metamath
+template = "none"  # none (the prompt as it is) | alpaca | metamath | chat (the tokenizer's chat template)
+system = ""  # --template=chat: a system turn before each prompt ("": none, or the template's default where it has
+    # one, as SmolLM2's)
 # decoding
 max_new_tokens = 256  # at most this many new tokens per prompt
 temperature = 0.0  # 0: greedy; else sample from softmax(logits / temperature)
@@ -43,7 +47,15 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 # -----------------------------------------------------------------------------
 
-STOPS = {"none": [], "alpaca": ev.ALPACA_STOPS, "metamath": ev.METAMATH_STOPS}
+STOPS = {"none": [], "alpaca": ev.ALPACA_STOPS, "metamath": ev.METAMATH_STOPS, "chat": []}  # chat: its end-of-turn
+
+
+def prompt_ids(tok, cfg, instruction, inp=""):
+    """A prompt's ids: in the tokenizer's chat template (--template=chat), else the templated text after bos."""
+    if cfg["template"] == "chat":
+        system = [{"role": "system", "content": cfg["system"]}] if cfg["system"] else []
+        return encode_chat(tok, system + [{"role": "user", "content": apply_template("none", instruction, inp)}])
+    return tok.encode(apply_template(cfg["template"], instruction, inp), bos=True)
 
 
 def apply_template(template, instruction, inp=""):
@@ -83,8 +95,8 @@ def unsettled(text, stops):
     return n + max((j for s in stops for j in range(1, len(s)) if text.endswith(s[:j])), default=0)
 
 
-def generate(model, tok, text, cfg, out=None):
-    """One prompt (already templated) -> its output, written to `out` (stdout) as the tokens come."""
+def generate(model, tok, prompt, cfg, out=None):
+    """One prompt's ids (prompt_ids) -> its output, written to `out` (stdout) as the tokens come."""
     from generate import generate as generate_ids  # here: importing sample.py loads no torch
     stops, new, shown, out = STOPS[cfg["template"]], [], 0, out or sys.stdout
 
@@ -99,7 +111,7 @@ def generate(model, tok, text, cfg, out=None):
             shown = settled
         return stopped  # a stop string: no need to generate further
 
-    ids = generate_ids(model, [tok.encode(text, bos=True)], cfg["max_new_tokens"], temperature=cfg["temperature"],
+    ids = generate_ids(model, [prompt], cfg["max_new_tokens"], temperature=cfg["temperature"],
                        top_p=cfg["top_p"], stop_ids=tok.stop_ids, seed=cfg["seed"], on_token=on_token,
                        decode="compiled" if cfg["compile"] else "cache")[0]
     output = cut(tok.decode(ids), stops)[0]
@@ -113,7 +125,8 @@ def check(cfg):
               "model": (cfg["model"], "a checkpoint dir"), "max_new_tokens": (cfg["max_new_tokens"] > 0, "> 0"),
               "temperature": (cfg["temperature"] >= 0, ">= 0, 0 = greedy"),
               "top_p": (0 < cfg["top_p"] <= 1, "in (0, 1]"),
-              "dtype": (cfg["dtype"] in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16")}
+              "dtype": (cfg["dtype"] in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+              "system": (not cfg["system"] or cfg["template"] == "chat", "--template=chat with it")}
     for key, (ok, want) in checks.items():
         if not ok:
             raise ev.UsageError(f"--{key}={cfg[key]!r}: expected {want}")
@@ -132,10 +145,13 @@ def main(argv, out=None):
     if not prompts and not cfg["interactive"]:
         raise ev.UsageError("nothing to do: give --prompt=..., --prompt_file=... or --interactive")
     model, tok, _ = ev.load_model(cfg["model"], cfg["adapter"], cfg["device"], cfg["dtype"])
+    if cfg["template"] == "chat" and tok.chat_format not in CHAT_FORMATS:
+        raise ev.UsageError(f"--template=chat: {tok.path} has no chat template (ChatML, Llama-3's or Mistral's "
+                            "[INST]); use --template=alpaca, metamath or none")
     outputs = []
     for instruction, inp in prompts:
         out.write(f"{instruction}\n" + (f"{inp}\n" if inp else "") + "---\n")
-        outputs.append(generate(model, tok, apply_template(cfg["template"], instruction, inp), cfg, out))
+        outputs.append(generate(model, tok, prompt_ids(tok, cfg, instruction, inp), cfg, out))
         out.write("\n")
     while cfg["interactive"]:
         try:
@@ -144,7 +160,7 @@ def main(argv, out=None):
             break
         if not line.strip():
             break
-        outputs.append(generate(model, tok, apply_template(cfg["template"], line), cfg, out))
+        outputs.append(generate(model, tok, prompt_ids(tok, cfg, line), cfg, out))
     return outputs
 
 

@@ -6,13 +6,14 @@ by the content of tokenizer.model, not by its name.
     tok = Tokenizer("checkpoints/Mistral-7B-v0.3")    # or the tokenizer.model file itself
     ids = tok.encode("hi", bos=True)                  # [1, 12782]
     tok.decode(ids[1:]), tok.stop_ids                 # "hi", {2}
-    encode_chat(tok, [{"role": "user", "content": "hi"}])   # the chat format the file names (ChatML)
+    encode_chat(tok, [{"role": "user", "content": "hi"}])   # the prompt in the tokenizer's chat format
+    chat_turns(tok, messages)                         # [(ids, trained?)]: what train.py's chat data trains
 
 Text is always encoded as text: "<s>", "[INST]" or "<|eot_id|>" typed in the data are plain characters,
 never the special token (Meta's llama and mistral_common do the same), so the only special tokens in a
-sequence are the bos/eos asked for. The sentencepiece encoding is sentencepiece's own, with its dummy
-prefix: " x" is "▁▁x". HF's tokenizer.json does not add the prefix to text that already starts with a
-space, so it differs from us (and from Meta's reference) there.
+sequence are the bos/eos asked for and a chat format's own. The sentencepiece encoding is sentencepiece's
+own, with its dummy prefix: " x" is "▁▁x". HF's tokenizer.json does not add the prefix to text that already
+starts with a space, so it differs from us (and from Meta's reference) there.
 """
 import base64
 import json
@@ -29,6 +30,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
                    "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]  # 256 in all
+CHAT_FORMATS = ("chatml", "llama3", "mistral")  # chat_turns renders these
 TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")  # "IQ== 0": a base64 token, its rank
 
 
@@ -66,6 +68,11 @@ class Tokenizer:
         # unk fits: these models fall back to bytes, so unk never appears in encoded text.
         self.pad_id = next(i for i in (self.sp.pad_id(), self.sp.unk_id(), self.eos_id) if i >= 0)
         self.stop_ids = {self.eos_id}
+        # Mistral's v3 tokenizer (7B-v0.3) holds [INST] and [/INST] as control pieces: its chat format. Llama-2's
+        # and Mistral v0.1's have none (their "[INST]" is text): no chat format
+        inst = [self.sp.piece_to_id(p) for p in ("[INST]", "[/INST]")]
+        if all(self.sp.id_to_piece(i) == p and self.sp.IsControl(i) for i, p in zip(inst, ("[INST]", "[/INST]"))):
+            self.chat_format, self.special = "mistral", {"[INST]": inst[0], "[/INST]": inst[1]}
 
     def _init_tiktoken(self, data):
         header, first = {}, 1
@@ -116,6 +123,7 @@ class Tokenizer:
         self.pad_id = self.special["<|reserved_special_token_2|>"]
         # base models end a document with <|end_of_text|>, instruct models a turn with <|eot_id|>
         self.stop_ids = {self.eos_id, self.special["<|eot_id|>"]}
+        self.chat_format = "llama3"  # its header tokens are in every Llama-3 file
 
     def encode(self, text, bos=False, eos=False):
         if self.sp is not None:
@@ -144,18 +152,84 @@ def _tiktoken_parts(text, max_chars=400_000, max_run=25_000):
 
 
 def encode_chat(tok, messages, add_generation_prompt=True):
-    """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...] -> ids in the chat format
-    the tokenizer file names. ChatML (SmolLM2-Instruct, Qwen): per message <|im_start|>role\ncontent<|im_end|>\n,
-    then <|im_start|>assistant\n for the reply; the model's default system prompt goes first when the first
-    message is not a system one (its template does that). Generate with stop_ids=tok.stop_ids: the reply ends
-    with <|im_end|>. Content is text: "<|im_end|>" typed in it is never the special token."""
-    if tok.chat_format != "chatml":
-        raise ValueError(f"{tok.path}: this tokenizer names no chat format; use a plain prompt or a template")
-    start, end = tok.special["<|im_start|>"], tok.special["<|im_end|>"]
+    """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...] -> ids in the tokenizer's chat
+    format (chat_turns), ending with the assistant's header: the prompt for a reply. Generate with
+    stop_ids=tok.stop_ids: the reply ends at the format's end-of-turn token."""
+    return [i for ids, _ in chat_turns(tok, messages, add_generation_prompt) for i in ids]
+
+
+def chat_turns(tok, messages, add_generation_prompt=False):
+    """The conversation in the tokenizer's chat format as [(ids, trained?)]: trained are the assistants' replies
+    with their end-of-turn token (what the model is to generate), not the headers before them nor the system and
+    user turns. Their ids, joined, are the model's own template's. Content is text: "<|im_end|>" typed in it is never
+    the special token; the text between two specials is encoded on its own, as a tokenizer splitting at specials.
+      chatml (SmolLM2-Instruct, Qwen): <|im_start|>role\ncontent<|im_end|>\n each; the tokenizer's default system
+        turn first where the conversation has none (SmolLM2's template does that)
+      llama3 (Llama-3-Instruct): <|begin_of_text|>, then <|start_header_id|>role<|end_header_id|>\n\n content.strip()
+        <|eot_id|> each (Meta's ChatFormat, HF's template)
+      mistral (7B-v0.3's tokenizer): <s>[INST] user[/INST] reply</s>..., turns alternating user/assistant after
+        an optional system turn, which goes before the last user turn's text (mistral_common; HF's template
+        drops it when the conversation ends with a reply)"""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError("messages must be a list of {role, content} objects")
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"role {m.get('role')!r}: expected system, user or assistant")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"the content of a {m['role']} turn must be a string")
+    if tok.chat_format == "chatml":
+        return _chatml(tok, messages, add_generation_prompt)
+    if tok.chat_format == "llama3":
+        return _llama3(tok, messages, add_generation_prompt)
+    if tok.chat_format == "mistral":
+        return _mistral(tok, messages)
+    raise ValueError(f"{tok.path}: this tokenizer has no chat format (ChatML, Llama-3's or Mistral's "
+                     f"[INST]){f' (its header names {tok.chat_format!r})' if tok.chat_format else ''}")
+
+
+def _chatml(tok, messages, add_generation_prompt):
+    start, end, nl = tok.special["<|im_start|>"], tok.special["<|im_end|>"], tok.encode("\n")
     if tok.default_system and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": tok.default_system}, *messages]
-    ids = []
+    turns = []
     for m in messages:
-        # the text between two specials is encoded on its own, as a tokenizer splitting at specials does
-        ids += [start, *tok.encode(f"{m['role']}\n{m['content']}"), end, *tok.encode("\n")]
-    return ids + [start, *tok.encode("assistant\n")] * add_generation_prompt
+        ids = tok.encode(f"{m['role']}\n{m['content']}")  # one piece of text between two specials
+        if m["role"] != "assistant":
+            turns.append(([start, *ids, end, *nl], False))
+            continue
+        # the header's tokens end where the reply's begin, but for a reply that starts with whitespace, which the
+        # header's "\n" joins: that token is the reply's then (trained)
+        head = tok.encode("assistant\n")
+        k = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
+        turns += [([start, *ids[:k]], False), ([*ids[k:], end], True), (nl, False)]
+    return turns + [([start, *tok.encode("assistant\n")], False)] * add_generation_prompt
+
+
+def _llama3(tok, messages, add_generation_prompt):
+    sh, eh, eot = (tok.special[t] for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    head = lambda role: [sh, *tok.encode(role), eh, *tok.encode("\n\n")]  # noqa: E731
+    turns = [([tok.bos_id], False)]
+    for m in messages:
+        body = [*tok.encode(m["content"].strip()), eot]  # "\n\n" never joins a stripped text's first token
+        turns += [(head(m["role"]), False), (body, True)] if m["role"] == "assistant" else \
+            [(head(m["role"]) + body, False)]
+    return turns + [(head("assistant"), False)] * add_generation_prompt
+
+
+def _mistral(tok, messages):
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    rest = messages[1:] if system is not None else messages
+    for i, m in enumerate(rest):
+        if m["role"] != ("user", "assistant")[i % 2]:
+            raise ValueError(f"Mistral's chat format: turn {i + 1 + (system is not None)} is {m['role']!r}; after "
+                             "an optional system turn the turns alternate user, assistant, user, ...")
+    last_user = max((i for i, m in enumerate(rest) if m["role"] == "user"), default=-1)
+    inst, end_inst = tok.special["[INST]"], tok.special["[/INST]"]
+    turns = [([tok.bos_id], False)]
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            text = f"{system}\n\n{m['content']}" if i == last_user and system is not None else m["content"]
+            turns.append(([inst, *tok.encode(text), end_inst], False))
+        else:  # the template's " " + content|trim: sentencepiece's dummy prefix is that space
+            turns.append(([*tok.encode(m["content"].strip()), tok.eos_id], True))
+    return turns

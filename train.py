@@ -56,7 +56,7 @@ import pissa
 import relora
 import rundir
 from configurator import ConfigError, check_choice, check_range, cli, parse_args
-from dataset import collate, epoch_batches, tokenize_file
+from dataset import FORMATS, collate, epoch_batches, tokenize_file
 from meter import Meter, device_peak_flops, peak_memory_gib, peak_rss_gib  # noqa: F401 (train.X for bench/)
 from model import ModelArgs, Transformer, load_config
 from rundir import atomic_json, atomic_save
@@ -71,13 +71,15 @@ model_config = ""  # or a config.json for a fresh, randomly initialised model (p
 tokenizer = ""  # tokenizer.model (or its directory); default: the one in init_from
 data = ""  # training data: .jsonl instruction data, or .txt plain text (loss on every token)
 val_data = ""  # held-out data in the same format: loss reported at eval_interval and at the end
-data_format = "metamathqa"  # metamathqa (query/response) | alpaca | gsm8k (question/answer) | chat (messages)
+data_format = "metamathqa"  # metamathqa (query/response) | alpaca | gsm8k (question/answer) | chat (messages, in the
+    # tokenizer's chat template: ChatML, Llama-3's, Mistral's; system turns kept, the replies trained) | alpaca_chat
+    # (messages in the Alpaca template: the paper's code recipes)
 max_len = 512  # tokens per example; longer ones are truncated (and counted)
 # method: LoRA on the target linears, or a method built on it (docs/README.md)
 method = "beamlora"  # full | lora | beamlora | dora | pissa | milora | adalora | relora | increlora | lrlora (docs/)
 targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the linears that get an adapter
 r = 64  # LoRA rank
-alpha = 128.0  # the update is scaled by alpha / r (the paper's runs: alpha = 2r)
+alpha = 0.0  # the update is scaled by alpha / r (alpha / sqrt(r) with --rslora); 0: 2 r (the papers' runs)
 dropout = 0.05  # LoRA dropout on the adapter's input
 rslora = False  # scaling alpha / sqrt(r) instead of alpha / r (rsLoRA), for any LoRA-family method
 dora = False  # DoRA's magnitude and direction (dora.py) on any LoRA-family method: --method=beamlora --dora
@@ -194,7 +196,7 @@ def check_config(cfg, world=1):
     method checks its own settings (its `check` hook), so that every input fails before anything is loaded."""
     check_choice(cfg, "method", tuple(METHODS))
     for key, allowed in {"schedule": ("cosine", "linear"), "dtype": ("float32", "bfloat16", "float16"),
-                         "data_format": ("metamathqa", "alpaca", "gsm8k", "chat")}.items():
+                         "data_format": FORMATS}.items():
         check_choice(cfg, key, allowed)
     method = method_hooks(cfg)
     method.check(cfg)
@@ -204,7 +206,7 @@ def check_config(cfg, world=1):
         raise ConfigError(f"--dora: not with --method={cfg['method']} (PEFT has no such combination to test against)")
     check_range(cfg, "at least 1", "r", "batch_size", "micro_batch_size", "log_interval")
     check_range(cfg, "at least 2", "max_len")
-    check_range(cfg, "positive", "alpha")
+    check_range(cfg, "0 or more", "alpha")  # 0: 2 r
     check_range(cfg, "0 or more", "epochs", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
                 "eval_interval", "score_log_interval", "save_interval", "save_interval_min", "stop_after",
                 "export_rank", "seed", "peak_flops")
@@ -390,6 +392,8 @@ def train(cfg):
     and "signal" when stopped early). Holds out_dir's lock throughout (rank 0 under torchrun)."""
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
     check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1)
+    # --alpha=0 is 2 r, resolved once here: the checkpoint, the adapter and a --resume see the number
+    cfg = dict(cfg, alpha=cfg["alpha"] or 2.0 * cfg["r"])
     # the lock before anything reads the out_dir (check_out_dir): a second run stops here, having touched nothing.
     # Rank 0 only: a run takes it once (the ranks of one run are one run), before any rank can write
     preemption = Preemption()

@@ -2,7 +2,8 @@
 # python train.py config/llama2_7b_codefeedback_beamlora.py     (or torchrun --nproc_per_node=N train.py ...)
 init_from = "checkpoints/Llama-2-7b-hf"  # an HF checkpoint directory
 data = "data/code_feedback/train.jsonl"  # made by data/code_feedback/prepare.py
-data_format = "chat"  # messages; the authors train on fxmeng/CodeFeedback-Python105K (data/README.md)
+data_format = "alpaca_chat"  # messages in the Alpaca template, as eval.py's humaneval/mbpp prompt; the authors
+# train on fxmeng/CodeFeedback-Python105K (data/README.md)
 out_dir = "out/llama2_7b_codefeedback_beamlora"
 method = "beamlora"
 r = 64

@@ -324,6 +324,34 @@ def test_chat_format_equals_the_files_template(smol):
 
 
 @needs_package
+def test_chat_turns_equal_transformers_apply_chat_template(smol):
+    """train.py's chat data (tokenizer.chat_turns) is the file's template as transformers applies it, tokenized by
+    the reference BPE; only the replies and their <|im_end|> are trained; system turns stay."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+    from tokenizer import chat_turns
+    tok = smol[1]
+    ref, control, _ = reference_bpe()
+    ref.add_special_tokens(control)
+    template = read_gguf_metadata(GGUF, ("tokenizer.chat_template",))[0]["tokenizer.chat_template"]
+    hf = PreTrainedTokenizerFast(tokenizer_object=ref, chat_template=template)
+    conversations = [[{"role": "user", "content": "State the final answer: 3 - 5 - 0 ="},
+                      {"role": "assistant", "content": "-2"}],
+                     [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "7 * 8?"},
+                      {"role": "assistant", "content": "56"}, {"role": "user", "content": "and 7 * 9?"},
+                      {"role": "assistant", "content": "  63\n"}]]
+    for messages in conversations:
+        turns = chat_turns(tok, messages)
+        ids = hf.apply_chat_template(messages, tokenize=True)
+        assert [i for part, _ in turns for i in part] == list(ids.get("input_ids", ids) if hasattr(ids, "get") else ids)
+        trained = [tok.decode(part) for part, t in turns if t]
+        # "  63": the header's "\n" and the reply's leading spaces are one token, trained with the reply
+        assert trained in (["-2<|im_end|>"], ["56<|im_end|>", "\n  63\n<|im_end|>"]), trained
+        system = messages[0]["content"] if messages[0]["role"] == "system" else tok.default_system
+        assert f"<|im_start|>system\n{system}<|im_end|>" in tok.decode([i for part, _ in turns for i in part])
+
+
+@needs_package
 def test_train_and_eval_run_on_the_converted_model(converted, tmp_path):
     import eval as eval_lib
     import train

@@ -199,7 +199,7 @@ def test_bpe_with_header(tmp_path):
 
 
 def test_chat_needs_a_chat_format(tiny_sp):
-    with pytest.raises(ValueError, match="names no chat format"):
+    with pytest.raises(ValueError, match="has no chat format"):
         encode_chat(Tokenizer(tiny_sp), [{"role": "user", "content": "hi"}])
 
 
@@ -216,3 +216,61 @@ def test_bad_files(tmp_path, content):
         with pytest.raises(ValueError) as e:
             Tokenizer(arg)
         assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# chat formats: the ids equal the model's own template, rendered by jinja2 / transformers and tokenized with the
+# specials as tokens (ChatML on the real SmolLM2 file: test_gguf.py)
+
+# Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template, verbatim
+LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                   "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                   "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                   "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CONVERSATIONS = [[{"role": "user", "content": "What is 2+2?"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 2 you"}],
+                 [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": " 2. \n"},
+                  {"role": "user", "content": "  and 3 * 7 ?\n"}],
+                 [{"role": "system", "content": "S"}, {"role": "user", "content": "hello world"},
+                  {"role": "assistant", "content": "café's 123"}, {"role": "user", "content": "\n\nthe end "}]]
+
+
+def test_llama3_chat_equals_its_template(llama3):
+    import jinja2
+    from tokenizer import chat_turns
+    tok, ref = llama3
+    assert tok.chat_format == "llama3"
+    for messages in CONVERSATIONS:
+        for gen in (True, False):
+            text = jinja2.Template(LLAMA3_TEMPLATE).render(messages=messages, add_generation_prompt=gen,
+                                                           bos_token="<|begin_of_text|>")
+            assert encode_chat(tok, messages, gen) == ref.encode(text, allowed_special="all"), text
+        # trained: each reply's stripped text and its <|eot_id|>, nothing else
+        turns = chat_turns(tok, messages + [{"role": "assistant", "content": " 4\n"}])
+        trained = [tok.decode(ids) for ids, t in turns if t]
+        assert trained == [m["content"].strip() + "<|eot_id|>" for m in messages if m["role"] == "assistant"] + \
+            ["4<|eot_id|>"]
+    # a special typed in the content is text (the template's tokenizer would make it the token)
+    ids = encode_chat(tok, [{"role": "user", "content": "a <|eot_id|>"}])
+    assert ids.count(tok.special["<|eot_id|>"]) == 1 and tok.decode(ids).count("<|eot_id|>") == 2
+
+
+def test_mistral_chat_equals_its_template(mistral):
+    from tokenizer import chat_turns
+    from transformers import AutoTokenizer
+    tok, hf = mistral[0], AutoTokenizer.from_pretrained(MISTRAL)  # with tokenizer_config.json: its chat template
+    assert tok.chat_format == "mistral"
+    replied = [[{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": " 2. \n"}]]
+    for messages in CONVERSATIONS + replied:
+        ref = hf.apply_chat_template(messages, tokenize=True)
+        assert encode_chat(tok, messages) == list(ref.get("input_ids", ref) if hasattr(ref, "get") else ref)
+    # the system turn is kept where HF's template drops it (a conversation ending with a reply): mistral_common's
+    # place, before the last user turn's text
+    messages = [{"role": "system", "content": "Be brief."}, *replied[0]]
+    assert "Be brief." not in hf.apply_chat_template(messages, tokenize=False)
+    turns = chat_turns(tok, messages)
+    assert tok.decode(turns[1][0][1:-1]) == "Be brief.\n\n1+1?" and turns[-1][0] == tok.encode("2.") + [tok.eos_id]
+    assert [t for _, t in turns] == [False, False, True]
+    with pytest.raises(ValueError, match="alternate user, assistant"):
+        encode_chat(tok, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
