@@ -7,11 +7,14 @@ Evaluate a base model, a base model + LoRA adapter (ours or PEFT), or a merged c
     python eval.py --model=ckpt/merged --task=boolq --data=commonsense/boolq/test.jsonl --batch_size=32
     python eval.py --model=ckpt/merged --task=mbpp --data=mbpp_test.jsonl --timeout=10
     python eval.py --model=ckpt/merged --task=ppl --data=val.jsonl   (or a .txt file)
+    python eval.py --model=models/smollm2/SmolLM2-135M-Instruct --task=rgym --data=data/reasoning_gym/test.jsonl
 
 Tasks: gsm8k, math (MetaMath's prompt; `accuracy` is MetaMath's own decision, quirks included, beside
 accuracy_strict / accuracy_lenient), the eight commonsense sets in the LLM-Adapters format (boolq piqa
 social_i_qa hellaswag winogrande ARC-Easy ARC-Challenge openbookqa; generated as LLM-Adapters did: its
-prompt, 4-beam search, 32 new tokens), humaneval and mbpp (greedy pass@1, programs run in sandbox.py), ppl.
+prompt, 4-beam search, 32 new tokens), humaneval and mbpp (greedy pass@1, programs run in sandbox.py), ppl,
+rgym (data/reasoning_gym/prepare.py's problems, prompted in the model's chat template as train.py's chat data
+trains; the verdict reasoning-gym's own score_answer: accuracy is its full credit, partial_credit its mean).
 Writes <out>/<task>_summary.json and <out>/<task>_samples.jsonl. Greedy decoding except commonsense.
 """
 import json
@@ -31,7 +34,7 @@ import sandbox
 # defaults, overridden by --key=value (see configurator.py)
 model = ""  # an HF checkpoint dir (config.json, safetensors, tokenizer.model): a base or a merged model
 adapter = ""  # a PEFT-format LoRA adapter dir (ours or PEFT's), merged into the model before generating
-task = ""  # gsm8k | math | humaneval | mbpp | ppl | a commonsense set: boolq, piqa, ... (COMMONSENSE below)
+task = ""  # gsm8k | math | humaneval | mbpp | ppl | rgym | a commonsense set: boolq, piqa, ... (COMMONSENSE below)
 data = ""  # the test set: .jsonl (or .txt for ppl)
 limit = 0  # score only the first N examples (0: all)
 batch_size = 8  # prompts generated (or sequences scored) together
@@ -69,9 +72,9 @@ COMMONSENSE = {"boolq": r"true|false", "piqa": r"solution1|solution2",
                "openbookqa": r"answer1|answer2|answer3|answer4|answer5",
                "hellaswag": r"ending1|ending2|ending3|ending4",
                "winogrande": r"option1|option2"}
-MAX_NEW = {"gsm8k": 1024, "math": 2048, "humaneval": 512, "mbpp": 512, **{k: 32 for k in COMMONSENSE}}
+MAX_NEW = {"gsm8k": 1024, "math": 2048, "humaneval": 512, "mbpp": 512, **{k: 32 for k in COMMONSENSE}, "rgym": 128}
 NUM_BEAMS = {k: 4 for k in COMMONSENSE}  # LLM-Adapters' GenerationConfig(num_beams=4), no sampling; else greedy
-TASKS = ["gsm8k", "math", *COMMONSENSE, "humaneval", "mbpp", "ppl"]
+TASKS = ["gsm8k", "math", *COMMONSENSE, "humaneval", "mbpp", "ppl", "rgym"]
 
 
 class EvalError(ValueError):  # bad input: reported as one line, no traceback, exit code 1
@@ -315,6 +318,42 @@ def extract_code(output):
 
 
 # -----------------------------------------------------------------------------
+# reasoning-gym (rgym): the reply's answer, then the library's own verdict on it
+
+RG_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")  # "-7", "1,234", "3.5"; not "4" of "x4"
+
+
+def extract_rgym(output, gold):
+    """The answer in a reply: the last <answer>...</answer> (reasoning-gym's extract_answer), else, for a number
+    gold, the last number ("67 - 74 = -7." -> "-7", "1,450" -> "1450"), else the reply's last line."""
+    tagged = re.findall(r"<answer>\s?(.*?)\s?</answer>", output, re.DOTALL)
+    if tagged:
+        return tagged[-1].strip()
+    if RG_NUMBER.fullmatch(gold.strip()):
+        numbers = RG_NUMBER.findall(output)
+        return numbers[-1].replace(",", "") if numbers else None
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def import_rg():
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise EvalError("--task=rgym scores with reasoning-gym's verifier: pip install reasoning-gym==0.1.25") from None
+    return reasoning_gym
+
+
+RG_SCORERS = {}  # dataset name -> its score_answer (a dataset object each: made once)
+
+
+def rg_score(name, answer, entry):
+    if name not in RG_SCORERS:
+        RG_SCORERS[name] = import_rg().get_score_answer_fn(name)
+    return float(RG_SCORERS[name](answer, entry))
+
+
+# -----------------------------------------------------------------------------
 # data and scoring
 
 def text_lines(path):
@@ -375,6 +414,17 @@ def make_example(task, row, path, line):
     if task in COMMONSENSE:  # the instruction only, as LLM-Adapters; its label compared as it is
         return {"prompt": LLM_ADAPTERS.format(instruction=field(row, path, line, "instruction")),
                 "gold": str(field(row, path, line, "answer", kind=ANSWER))}
+    if task == "rgym":  # the turns before the reply (chat_prompt renders them) and the entry the verifier reads
+        messages = field(row, path, line, "messages", kind=list)
+        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) or not messages:
+            raise EvalError(f"{path}:{line}: field 'messages' must be a list of {{role, content}} objects")
+        prompt = messages[:-1] if messages[-1].get("role") == "assistant" else messages
+        metadata = field(row, path, line, "metadata", kind=dict)
+        if metadata.get("source_dataset") not in import_rg().factory.DATASETS:
+            raise EvalError(f"{path}:{line}: 'metadata' names no reasoning-gym dataset as source_dataset "
+                            f"({str(metadata.get('source_dataset'))[:40]!r}; data/reasoning_gym/prepare.py's rows do)")
+        return {"prompt": prompt[-1]["content"], "messages": prompt, "gold": str(field(row, path, line, "answer")),
+                "task": str(row.get("task", metadata["source_dataset"])), "metadata": metadata}
     if task == "humaneval":  # WizardCoder's instruction for HumanEval
         ex = {k: field(row, path, line, k) for k in ("task_id", "prompt", "test", "entry_point")}
         return {**ex, "gold": ex["task_id"], "code_prompt": ex["prompt"],
@@ -405,6 +455,11 @@ def score(task, output, ex, timeout=10.0):
     if task in COMMONSENSE:
         pred = extract_commonsense(task, output)
         return {"extracted": pred, "correct": pred is not None and pred == ex["gold"], "valid": pred is not None}
+    if task == "rgym":  # its dataset's score_answer on what we extracted: 1.0 full credit, less partial
+        pred = extract_rgym(output, ex["gold"])
+        entry = {"question": ex["prompt"], "answer": ex["gold"], "metadata": ex["metadata"]}
+        credit = rg_score(ex["metadata"]["source_dataset"], pred, entry)
+        return {"extracted": pred, "correct": credit == 1.0, "credit": credit, "valid": pred is not None}
     code = extract_code(output)
     if task == "humaneval":  # the prompt's imports and signature; a complete def in the output redefines it
         program = f"{ex['code_prompt']}{code}\n\n{ex['test']}\n\ncheck({ex['entry_point']})\n"
@@ -431,7 +486,7 @@ def generate_all(model, tok, prompts, max_new_tokens, batch_size, stops, num_bea
     """Greedy (or beam search) outputs, decoded and cut at the first stop string, in the order of `prompts`.
     decode: generate.generate's way (cache, static, compiled); beam search always runs the cache way."""
     from generate import generate  # here: importing eval.py loads no torch
-    ids = [tok.encode(p, bos=True) for p in prompts]
+    ids = [p if isinstance(p, list) else tok.encode(p, bos=True) for p in prompts]  # text, or ids (a chat prompt)
     # longest first: similar lengths share a batch (little padding) and running out of memory shows at once
     order, outputs, t0 = sorted(range(len(ids)), key=lambda i: -len(ids[i])), [None] * len(ids), time.time()
     for b in range(0, len(order), batch_size):
@@ -557,6 +612,8 @@ def main(argv):
             raise UsageError(f"--{key}={cfg[key]!r}: expected {want}")
     task, limit = cfg["task"], cfg["limit"] or None
     check_dirs(cfg["model"], cfg["adapter"])
+    if task == "rgym":
+        import_rg()  # before the model loads
     # read the data before the slow imports and the model load: bad input fails fast
     examples = ppl_texts(cfg["data"]) if task == "ppl" else \
         [make_example(task, row, cfg["data"], i) for i, row in read_jsonl(cfg["data"])][:limit]
@@ -575,6 +632,15 @@ def main(argv):
         lock.release()
 
 
+def chat_prompt(tok, messages):
+    """The prompt in the tokenizer's chat template (tokenizer.encode_chat), as train.py's --data_format=chat trains."""
+    from tokenizer import CHAT_FORMATS, encode_chat
+    if tok.chat_format not in CHAT_FORMATS:
+        raise EvalError(f"{tok.path}: this task prompts in the model's chat template, and this tokenizer has none "
+                        "(ChatML, Llama-3's or Mistral's [INST])")
+    return encode_chat(tok, messages)
+
+
 def evaluate(cfg, task, limit, examples):
     """main() once --out is this evaluation's."""
     model, tok, device = load_model(cfg["model"], cfg["adapter"], cfg["device"], cfg["dtype"])
@@ -591,7 +657,8 @@ def evaluate(cfg, task, limit, examples):
         stops = {"gsm8k": METAMATH_STOPS, "math": METAMATH_STOPS, **{k: COMMONSENSE_STOPS for k in COMMONSENSE}}.get(
             task, ALPACA_STOPS)
         settings["compile"] = cfg["compile"]
-        outputs = generate_all(model, tok, [ex["prompt"] for ex in examples], max_new, cfg["batch_size"], stops,
+        prompts = [chat_prompt(tok, ex["messages"]) if "messages" in ex else ex["prompt"] for ex in examples]
+        outputs = generate_all(model, tok, prompts, max_new, cfg["batch_size"], stops,
                                settings["num_beams"], "compiled" if cfg["compile"] else "cache")
         for i, (ex, out) in enumerate(zip(examples, outputs)):
             mm = ex.get("gold_metamath", ex["gold"])  # shown where MetaMath reads another gold than ours
@@ -607,6 +674,14 @@ def evaluate(cfg, task, limit, examples):
             if key in samples[0]:
                 summary["accuracy" + key[7:]] = sum(s[key] for s in samples) / n
                 summary["disagree"] = sum(s["disagree"] for s in samples)
+        if task == "rgym":  # the mean credit beside the full credit, and both per task of the mix
+            summary["partial_credit"] = sum(s["credit"] for s in samples) / n
+            by_task = {}
+            for ex, s in zip(examples, samples):
+                by_task.setdefault(ex["task"], []).append(s)
+            summary["by_task"] = {t: {"n": len(v), "accuracy": sum(s["correct"] for s in v) / len(v),
+                                      "partial_credit": sum(s["credit"] for s in v) / len(v)}
+                                  for t, v in by_task.items()}
         if task in ("humaneval", "mbpp"):
             summary["pass@1"] = summary["accuracy"]
             summary["status"] = {k: sum(s["status"] == k for s in samples) for k in ("passed", "failed", "timeout")}

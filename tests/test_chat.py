@@ -40,9 +40,8 @@ def write_chatml_tokenizer(folder):
     return Tokenizer(path)
 
 
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("chatml"))
+def make_chat_model(path):
+    """A tiny random Llama in `path` with write_chatml_tokenizer's tokenizer. -> path"""
     tok = write_chatml_tokenizer(path)
     cfg = dict(model_type="llama", vocab_size=tok.n_words, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None,
@@ -50,6 +49,11 @@ def chat_model(tmp_path_factory):
     torch.manual_seed(0)
     Transformer.from_config(cfg).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    return make_chat_model(str(tmp_path_factory.mktemp("chatml")))
 
 
 def write_jsonl(path, rows):

@@ -299,7 +299,8 @@ E2E_ROWS = {
 }
 
 
-@pytest.mark.parametrize("task", [t for t in ev.TASKS])
+# rgym prompts in the model's chat template, which this tokenizer lacks: tests/test_reasoning_gym.py runs it
+@pytest.mark.parametrize("task", [t for t in ev.TASKS if t != "rgym"])
 def test_every_task_end_to_end(task, tiny_checkpoint, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in E2E_ROWS[task]))

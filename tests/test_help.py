@@ -32,7 +32,7 @@ def options(script):
 
 
 def test_every_script_is_covered():
-    assert len(PREPARES) == 9 and "data/demo/prepare.py" in PREPARES and "models/smollm2/prepare.py" in MODELS
+    assert len(PREPARES) == 10 and "data/demo/prepare.py" in PREPARES and "models/smollm2/prepare.py" in MODELS
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
