@@ -172,7 +172,7 @@ class Controller:
         step(t)        after optimizer step t, gradients still in place (before zero_grad) -> an event or None
         penalty()      a term added to the loss once per optimizer step, or None
         lr_factor(t)   a factor on the schedule's learning rate of step t + 1
-        log(t)         extra fields for the log line
+        log(t)         extra fields for the log line; describe(): a few words for the run's first line
         final()        {file name: JSON object}, written to out_dir at the end
         config()       the schedule a resume must match; `state` names the attributes saved in ckpt.pt beside it
     Every decision must depend only on replicated values and seeded generators (or all-reduced ones), so that
@@ -203,6 +203,9 @@ class Controller:
 
     def config(self):
         return {}
+
+    def describe(self):
+        return ""  # appended to the run's first line (BeamLoRA: its dt)
 
     def moments(self, p, required=True):
         return adam_moments(self.opt, p, required)
@@ -411,6 +414,9 @@ class BeamController(Controller):
 
     def log(self, t):
         return {"p": self.threshold(t)}
+
+    def describe(self):
+        return f", dt={self.dt}"
 
     def prune_expand(self, m, P, E, h):
         """Section 4 on one module: rank P[j] becomes the historical copy of rank E[j].

@@ -35,9 +35,7 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
-import traceback
 import types
 import weakref
 
@@ -46,6 +44,7 @@ import torch.distributed as dist
 
 import adalora
 import beamlora
+import cluster
 import dora as dora_method  # the module; the --dora setting below takes the name "dora"
 import full
 import increlora
@@ -55,9 +54,9 @@ import milora
 import pissa
 import relora
 import rundir
-from configurator import ConfigError, check_choice, check_range, cli, parse_args
+from configurator import ConfigError, check_choice, check_range, parse_args
 from dataset import FORMATS, collate, epoch_batches, tokenize_file
-from meter import Meter, device_peak_flops, peak_memory_gib, peak_rss_gib  # noqa: F401 (train.X for bench/)
+from meter import Meter, peak_memory_gib
 from model import ModelArgs, Transformer, load_config
 from rundir import atomic_json, atomic_save
 from tokenizer import Tokenizer
@@ -146,12 +145,6 @@ MAY_CHANGE_ON_RESUME = ("out_dir", "resume", "overwrite", "device", "compile", "
                         "log_interval", "eval_interval", "score_log_interval", "save_interval", "save_interval_min",
                         "stop_after", "save_merged", "export_rank", "peak_flops", "wandb_log", "wandb_project",
                         "wandb_run_name")
-# options added after ckpt.pt's config was first written: recorded there only when they differ from their default
-# (rundir.changes reads a missing key as its default, the rule for every key added since), so a run that leaves them
-# alone writes the very checkpoint it wrote before they existed (bench/same_numbers.py compares it bit for bit)
-RECORDED_IF_SET = ("save_interval_min",)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a preemption (SLURM, Kubernetes: SIGTERM; SLURM --signal: USR1)
-SAVE_COST = 0.01  # a time-based checkpoint waits for at least 1 / SAVE_COST times the last one's write time
 # -----------------------------------------------------------------------------
 
 
@@ -342,51 +335,6 @@ def make_controller(mods, optimizer, cfg, total):
 
 # -----------------------------------------------------------------------------
 
-def setup_ddp(cfg):
-    """Under torchrun: join the process group, one GPU per process. -> (ddp, rank, world)"""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 1
-    dist.init_process_group(backend="nccl" if cfg["device"].startswith("cuda") else "gloo")
-    if cfg["device"].startswith("cuda"):
-        cfg["device"] = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(cfg["device"])
-    return True, dist.get_rank(), dist.get_world_size()
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 from the loop's start to train()'s return: the handler only notes the first signal (so a
-    second one, during the checkpoint it causes, changes nothing: that save and every other is a temp file renamed
-    into place); the loop reads it after each optimizer step. Before the loop the signals keep their own action (this
-    run has done no step to save); after the last step the run finishes (its final checkpoint first; a kill during
-    the export is what --resume redoes). Only the main thread may set handlers (train() in another thread: none)."""
-
-    def __init__(self):
-        self.signum, self.old = 0, {}
-
-    def arm(self):
-        if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self.note) for s in STOP_SIGNALS}
-
-    def note(self, signum, frame):
-        self.signum = self.signum or signum
-
-    def disarm(self):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-        self.old = {}
-
-    def agreed(self, ddp, device, save):
-        """-> (the signal every process stops for after this step, or 0; whether every process checkpoints now).
-        Under DDP the largest signal any process has seen, and process 0's `save` (a time-based checkpoint is its
-        clock's call): one all_reduce of two numbers per step (bench/ddp_exit.py measures it), so that every process
-        stops, and saves, at the same step. Else this process's own."""
-        if not ddp:
-            return self.signum, save
-        flag = torch.tensor([self.signum, int(save)], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag[0]), bool(flag[1])
-
-
 def train(cfg):
     """Runs one training job; returns a summary dict (losses, held-out loss, wall time, peak memory; "stopped"
     and "signal" when stopped early). Holds out_dir's lock throughout (rank 0 under torchrun)."""
@@ -396,7 +344,7 @@ def train(cfg):
     cfg = dict(cfg, alpha=cfg["alpha"] or 2.0 * cfg["r"])
     # the lock before anything reads the out_dir (check_out_dir): a second run stops here, having touched nothing.
     # Rank 0 only: a run takes it once (the ranks of one run are one run), before any rank can write
-    preemption = Preemption()
+    preemption = cluster.Preemption()
     try:
         with rundir.OutDirLock(cfg["out_dir"], take=int(os.environ.get("RANK", 0)) == 0):
             return run_locked(cfg, ddp, preemption)
@@ -423,7 +371,7 @@ def run_locked(cfg, ddp, preemption):
                                   "model config": config_path})
     ck, records = rundir.check_out_dir(cfg, DEFAULTS, MAY_CHANGE_ON_RESUME, prints)  # reads only
 
-    ddp, rank, world = setup_ddp(cfg)
+    ddp, rank, world = cluster.setup_ddp(cfg)
     master = rank == 0
     dev_type = "cuda" if cfg["device"].startswith("cuda") else "cpu"
     accum = cfg["batch_size"] // (cfg["micro_batch_size"] * world)
@@ -444,7 +392,7 @@ def run_locked(cfg, ddp, preemption):
     optimizer = make_optimizer(params, cfg, fused=dev_type == "cuda")
     scaler = torch.amp.GradScaler(dev_type, enabled=cfg["dtype"] == "float16")
     ctx = torch.autocast(dev_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
-    controller = method.controller(mods, optimizer, cfg, total)
+    controller = make_controller(mods, optimizer, cfg, total)
 
     step, ckpt_path = 0, os.path.join(cfg["out_dir"], "ckpt.pt")
     pending = []  # the losses of the steps since the last log row: that row's mean, carried across a resume
@@ -472,31 +420,26 @@ def run_locked(cfg, ddp, preemption):
     if master:
         print(f"{cfg['method']}: {n_train:,} trained / {n_frozen:,} frozen params, {len(train_ex)} examples, "
               f"{total} steps of {cfg['batch_size']} ({accum} micro-batches of {cfg['micro_batch_size']} x {world} "
-              f"processes)" + (f", dt={controller.dt}" if hasattr(controller, "dt") else ""))
+              f"processes){controller.describe()}")
 
     def save_checkpoint():
-        """Called by every process at the same steps (under DDP their random states are gathered: the dropout draws
-        of each differ); process 0 writes. Reads the state, changes none of it (no random draw, no tensor written):
-        when it runs changes no number."""
-        nonlocal good, saved
-        t = time.time()
-        states = None
-        if ddp:
-            states = [None] * world
-            dist.all_gather_object(states, (torch.get_rng_state(),
-                                            torch.cuda.get_rng_state() if dev_type == "cuda" else None))
-        saved = {"step": step, "at": time.time(), "took": 0.0}
+        """Called by every process at the same steps (under DDP each one's random state is gathered); process 0
+        writes. It reads the run's state and changes none of it: when it runs changes no number."""
+        nonlocal good
+        started = time.time()
+        states = cluster.rng_states(world, dev_type == "cuda") if ddp else None
+        clock.saved(step, started)
         if not master:
             return
-        recorded = {k: v for k, v in cfg.items() if not (k in RECORDED_IF_SET and v == DEFAULTS[k])}
         with rundir.writes(ckpt_path, good):
             rundir.sync_records(cfg["out_dir"])  # the rows this checkpoint covers are on disk before it is
             ck = {"params": {n: p.detach() for n, p in raw_model.named_parameters() if p.requires_grad},
                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                  "config": json.dumps(recorded), "fingerprints": {k: digest for k, (_, digest) in prints.items()},
+                  "config": json.dumps(cfg), "fingerprints": {k: digest for k, (_, digest) in prints.items()},
                   "log_losses": pending, "rng_cpu": torch.get_rng_state()}
-            if controller.state_dict():  # the method's own state (none for LoRA)
-                ck["controller"] = controller.state_dict()
+            state = controller.state_dict()
+            if state:  # the method's own state (none for LoRA)
+                ck["controller"] = state
             if dev_type == "cuda":
                 ck["rng_cuda"] = torch.cuda.get_rng_state()
             if states:  # each process's own, for a resume on as many processes
@@ -504,26 +447,15 @@ def run_locked(cfg, ddp, preemption):
                 if dev_type == "cuda":
                     ck["rng_cuda_ranks"] = [gpu for _, gpu in states]
             atomic_save(ck, ckpt_path)
-        good, saved = (step, ckpt_path), {"step": step, "at": time.time(), "took": time.time() - t}
-
-    def save_due():
-        """A checkpoint by steps (save_interval) or by wall time: save_interval_min since the last one (or the loop's
-        start), and never sooner than 1 / SAVE_COST times its write time, so saving costs at most SAVE_COST of the
-        run however slow the disk. Read from the clock only: it decides when to save, never what is computed. Under
-        DDP process 0's answer is every process's (Preemption.agreed)."""
-        if step >= total:  # the final checkpoint follows the loop
-            return False
-        if cfg["save_interval"] and step % cfg["save_interval"] == 0:
-            return True
-        wait = max(60 * cfg["save_interval_min"], saved["took"] / SAVE_COST)
-        return cfg["save_interval_min"] > 0 and time.time() - saved["at"] >= wait
+        good = (step, ckpt_path)
+        clock.saved(step, started)
 
     def record(name, row):
         with rundir.writes(os.path.join(cfg["out_dir"], name), good):
             append_jsonl(os.path.join(cfg["out_dir"], name), row)
 
     meter = Meter(cfg, n_train, n_frozen, world, total, step)
-    saved = {"step": step, "at": meter.t_start, "took": 0.0}  # the last checkpoint: its step, when, how long it took
+    clock = cluster.CheckpointClock(cfg, total, step)  # when to checkpoint in the loop
     if master and not meter.peak and dev_type == "cuda":
         print(f"no MFU: no {cfg['dtype']} peak known for {torch.cuda.get_device_name(cfg['device'])}; "
               "give --peak_flops=<FLOP/s of one GPU>")
@@ -582,14 +514,14 @@ def run_locked(cfg, ddp, preemption):
         if val_ex and cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and master:
             print(f"step {step}: held-out loss {heldout_loss(raw_model, val_ex, cfg, ctx):.4f}")
         # every process: the same answers at the same step
-        signum, save = preemption.agreed(ddp, cfg["device"], master and save_due())
+        signum, save = preemption.agreed(ddp, cfg["device"], master and clock.due(step))
         if save:
             save_checkpoint()
         if not ddp:  # a signal during that save stops the run now (under DDP: the ranks agree after the next step)
             signum = preemption.signum
         stop_after = cfg["stop_after"] and step - meter.start_step >= cfg["stop_after"]
         stop = (signum or stop_after) and step < total
-        if stop and saved["step"] != step:
+        if stop and clock.step != step:
             save_checkpoint()
         if stop:
             if master:
@@ -599,12 +531,12 @@ def run_locked(cfg, ddp, preemption):
                 if cfg["wandb_log"]:
                     wandb.finish()  # under torchrun the process ends without atexit handlers (exit_at_once)
             if ddp:
-                model = None  # the DDP wrapper: gone before the process group (end_ddp)
-                end_ddp(wrapper)
+                model = None  # the DDP wrapper: gone before the process group (cluster.end_ddp)
+                cluster.end_ddp(wrapper)
             return {"losses": meter.losses, "steps": step, "stopped": True, "signal": signum}
 
     if ddp:  # the methods decide without communicating: check once that every process holds the same weights
-        check_replicas(params, rank)
+        cluster.check_replicas(params, rank)
     result = {"losses": meter.losses, "steps": total, "wall_s": time.time() - meter.t_start,
               "peak_mem_gib": peak_memory_gib(dev_type)}
     save_checkpoint()
@@ -623,33 +555,8 @@ def run_locked(cfg, ddp, preemption):
             wandb.finish()  # under torchrun the process ends without atexit handlers (exit_at_once)
     if ddp:
         model = None
-        end_ddp(wrapper)
+        cluster.end_ddp(wrapper)
     return result
-
-
-def check_replicas(params, rank):
-    """Every process holds the same trained parameters as process 0 (sums and sums of squares, in fp64)."""
-    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in params])
-    ref = sums.clone()
-    dist.broadcast(ref, 0)
-    if not torch.equal(sums, ref):
-        raise RuntimeError(f"process {rank}: trained parameters differ from process 0's")
-
-
-def end_ddp(wrapper=None):
-    """Leaves the process group in an order that cannot hang. A DDP wrapper still alive when the group is destroyed
-    keeps its reducer, whose deallocation later (when train() returns, or at the garbage collector's whim) drops the
-    last reference to the destroyed gloo group: the group's destructor then joins a worker thread that waits for the
-    GIL this thread holds, and the process hangs for good (pytorch issues 56297, 75097; 1 of 22 2-process runs here).
-    So: the caller drops its references to the wrapper, the collector frees any cycle still holding it (checked:
-    `wrapper` is a weakref to it), the barrier waits until every process got here and the group's outstanding work
-    is done, and only then is the group destroyed, with nothing left that refers to it."""
-    gc.collect()
-    if wrapper is not None and wrapper() is not None:
-        raise RuntimeError("end_ddp: the DDP wrapper is still referenced; destroying the process group now could "
-                           "hang this process when it is freed later")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def run(**overrides):
@@ -667,34 +574,5 @@ def main(argv):
     return result
 
 
-def exit_at_once(code):
-    """Under torchrun, after the run (its files written and closed, the process group destroyed): the process ends
-    here, with its exit code, without the interpreter's teardown. That teardown frees whatever is left in any order
-    (a late destructor of a torch.distributed object, a thread join) and is where a finished rank could still hang;
-    nothing the run wrote is lost by skipping it (only Python's own buffers, flushed here)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def script():
-    """`python train.py ...` and each torchrun rank: main() through configurator.cli (bad input: one line, no
-    traceback; BEAMLORA_DEBUG=1 shows it); under torchrun the process then ends in exit_at_once, whatever happened."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return cli(main)
-    code = 1
-    try:
-        cli(main)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        exit_at_once(code)
-
-
 if __name__ == "__main__":
-    script()
+    cluster.script(main)  # bad input: one line; under torchrun the process ends at once when the run is done

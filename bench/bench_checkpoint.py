@@ -1,7 +1,7 @@
 """
 What checkpoints by default cost a run: train.py's loop timed side by side, in interleaved rounds in one process,
 with no periodic checkpoint ("none"), the default ("default": save_interval_min = 30), the time-based rule at its
-floor ("floor": save_interval_min ~ 0, so a checkpoint as soon as 1 / train.SAVE_COST = 100 times the last one's
+floor ("floor": save_interval_min ~ 0, so a checkpoint as soon as 1 / cluster.SAVE_COST = 100 times the last one's
 write time has passed: the most that rule ever saves) and a checkpoint after every step ("every step": the floor
 off, what an interval without it would cost on a fast model). Per arm: the median seconds per step, its ratio to
 "none" (the median of the rounds' ratios: on a shared machine these move by several percent from round to round),
@@ -76,8 +76,9 @@ def build(work, cfg):
 def timed_run(train, rundir, cfg):
     """train.train(cfg) with its loop and its checkpoint writes timed -> (seconds per step, seconds in the in-loop
     checkpoints, their count, the checkpoint's bytes)."""
+    import cluster
     t, saves = {}, []
-    real_agreed, real_arm, real_save, real_sync = (train.Preemption.agreed, train.Preemption.arm, train.atomic_save,
+    real_agreed, real_arm, real_save, real_sync = (cluster.Preemption.agreed, cluster.Preemption.arm, train.atomic_save,
                                                    rundir.sync_records)
 
     def arm(self):
@@ -97,13 +98,13 @@ def timed_run(train, rundir, cfg):
         if obj["step"] < cfg["max_steps"]:  # not the final one, which every arm writes
             saves.append(time.perf_counter() - t["save"])
 
-    train.Preemption.arm, train.Preemption.agreed, train.atomic_save, rundir.sync_records = (arm, agreed, atomic_save,
-                                                                                             sync_records)
+    cluster.Preemption.arm, cluster.Preemption.agreed, train.atomic_save, rundir.sync_records = (
+        arm, agreed, atomic_save, sync_records)
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             train.train(cfg)
     finally:
-        train.Preemption.arm, train.Preemption.agreed, train.atomic_save, rundir.sync_records = (
+        cluster.Preemption.arm, cluster.Preemption.agreed, train.atomic_save, rundir.sync_records = (
             real_arm, real_agreed, real_save, real_sync)
     loop = t["end"] - t["start"]
     return loop / (cfg["max_steps"] - 1), sum(saves), len(saves), os.path.getsize(
@@ -117,6 +118,7 @@ def main(argv):
         raise ConfigError("--steps >= 4, --rounds >= 1, --hidden a multiple of 4, --layers and --r >= 1")
     import torch
 
+    import cluster
     import rundir
     import train
     torch.set_num_threads(cfg["threads"])
@@ -131,11 +133,11 @@ def main(argv):
                            alpha=2.0 * cfg["r"], batch_size=8, micro_batch_size=4, max_steps=cfg["steps"],
                            max_len=256, lr=1e-3, dtype="float32", device="cpu", log_interval=10,
                            save_interval_min=opts["save_interval_min"])
-                cost, train.SAVE_COST = train.SAVE_COST, opts.get("save_cost", train.SAVE_COST)
+                cost, cluster.SAVE_COST = cluster.SAVE_COST, opts.get("save_cost", cluster.SAVE_COST)
                 try:
                     res[arm].append(timed_run(train, rundir, run))
                 finally:
-                    train.SAVE_COST = cost
+                    cluster.SAVE_COST = cost
                 step_s, in_saves, n, size = res[arm][-1]
                 print(f"round {rnd + 1}, {arm:<10}: {1e3 * step_s:7.2f} ms/step, {n:3d} checkpoints in the loop, "
                       f"{in_saves:.3f} s in them", flush=True)
@@ -164,7 +166,7 @@ def main(argv):
     print(f"\ndefault, over a long run: one {size / 1e6:.1f} MB checkpoint ({per_ckpt:.3f} s, {speed / 1e6:.0f} MB/s "
           f"with fsync) per 30 minutes = step time x {default['ratio_at_30_min']:.6f}; a Llama-2-7B r=64 LoRA's "
           f"{LLAMA7B_R64_BYTES / 1e9:.2f} GB at that speed: x {default['llama7b_r64_ratio_at_30_min']:.5f}; at the "
-          f"floor (any disk, any model) at most x {1 + train.SAVE_COST:.2f}: measured here "
+          f"floor (any disk, any model) at most x {1 + cluster.SAVE_COST:.2f}: measured here "
           f"x {rows['floor']['ratio_to_none']:.4f} ({100 * rows['floor']['share_in_checkpoints']:.2f}% of the loop "
           "in checkpoints)")
     out = {"config": cfg, "arms": rows, "default": default, "torch": torch.__version__}

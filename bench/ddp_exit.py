@@ -3,12 +3,12 @@ A finished torchrun run exits: RUNS two-process gloo runs of train.py (a tiny Be
 prune/expand operations, as users run it: `torchrun --nproc_per_node=2 train.py config.py`), next to LOAD busy
 processes, each timed from the last file it wrote to each rank's exit and to torchrun's. A run still alive TIMEOUT
 seconds after it started is a hang: killed, and reported as one. The hang this guards against is rare (1 run in
-22 before train.end_ddp's order: the DDP reducer freed after the process group, pytorch issues 56297 / 75097), so
-a clean loop is a check, not the proof: the order is right by construction (train.end_ddp, train.exit_at_once;
+22 before cluster.end_ddp's order: the DDP reducer freed after the process group, pytorch issues 56297 / 75097), so
+a clean loop is a check, not the proof: the order is right by construction (cluster.end_ddp, cluster.exit_at_once;
 tests/test_faults.py checks it on every way out of the loop).
 
 Also measured in every run: the per-step all_reduce that lets the ranks agree on a stop (SIGTERM / SIGUSR1) and on a
-time-based checkpoint (train.Preemption.agreed): alone, with the ranks in step (SYNC_CALLS calls before the loop:
+time-based checkpoint (cluster.Preemption.agreed): alone, with the ranks in step (SYNC_CALLS calls before the loop:
 its cost), as a share of a step; and the time spent in it inside the loop, which also holds rank 1's wait for rank
 0's record writes (a wait the next collective would have had otherwise), as a share of the loop.
 
@@ -45,11 +45,12 @@ DEFAULTS = dict(
 
 def child(spec_path, argv):
     """Under torchrun: train.py as __main__, with Preemption.agreed timed and the exit's moment noted."""
+    import cluster
     import train
     with open(spec_path) as f:
         spec = json.load(f)
     rank, stats = int(os.environ["RANK"]), {"agreed_s": 0.0, "calls": 0}
-    real_agreed, real_arm, real_exit = train.Preemption.agreed, train.Preemption.arm, os._exit
+    real_agreed, real_arm, real_exit = cluster.Preemption.agreed, cluster.Preemption.arm, os._exit
 
     def agreed(self, *args):
         t = time.perf_counter()
@@ -75,9 +76,9 @@ def child(spec_path, argv):
         with open(os.path.join(spec["report"], f"{rank}.json"), "w") as f:
             json.dump(stats, f)
         real_exit(code)
-    train.Preemption.agreed, train.Preemption.arm, os._exit = agreed, arm, exit_now
+    cluster.Preemption.agreed, cluster.Preemption.arm, os._exit = agreed, arm, exit_now
     sys.argv = [os.path.join(ROOT, "train.py"), *argv]
-    train.script()  # what `torchrun train.py` runs as __main__
+    cluster.script(train.main)  # what `torchrun train.py` runs as __main__
 
 
 def build(work):

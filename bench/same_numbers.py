@@ -182,7 +182,9 @@ def compare_ckpt(a, b, rel):
     cb = torch.load(b, map_location="cpu", weights_only=True)
     if isinstance(ca, dict) and isinstance(cb, dict) and isinstance(ca.get("config"), str) \
             and isinstance(cb.get("config"), str):  # the run's settings as JSON: key order may differ
-        compare_values(json.loads(ca.pop("config")), json.loads(cb.pop("config")), f"{rel}:config")
+        xa, xb = json.loads(ca.pop("config")), json.loads(cb.pop("config"))
+        both = xa.keys() & xb.keys()  # an option added since the other commit is a setting, not a number
+        compare_values({k: xa[k] for k in both}, {k: xb[k] for k in both}, f"{rel}:config")
     return compare_values(ca, cb, rel + ":")
 
 
