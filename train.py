@@ -328,6 +328,38 @@ def make_optimizer(params, cfg, fused=False):
                              lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
 
 
+def build_model(cfg, method, config, ptdtype):
+    """The base (from --init_from, or fresh from --model_config) with the method's layers. -> (model, {name: module})
+    The frozen base in the training dtype, the trained parameters in fp32 (a base that trains: fp32 too)."""
+    base_dtype = torch.float32 if method.TRAINS_BASE else ptdtype
+    model = Transformer.from_pretrained(cfg["init_from"], device=cfg["device"], dtype=base_dtype) \
+        if cfg["init_from"] else Transformer.from_config(config, device=cfg["device"])
+    mods = wrap(model, cfg)
+    model.gradient_checkpointing = cfg["gradient_checkpointing"]
+    model.train()
+    return model, mods
+
+
+def checkpoint(model, optimizer, scaler, controller, step, cfg, prints, pending, states, cuda):
+    """ckpt.pt's content: only what trains, the optimizer, the method's own state, the settings and the inputs'
+    digests (a resume compares them), the losses of the current log row, and the random state (every process's
+    under DDP: `states`, their dropout draws differ)."""
+    ck = {"params": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+          "config": json.dumps(cfg), "fingerprints": {k: digest for k, (_, digest) in prints.items()},
+          "log_losses": pending, "rng_cpu": torch.get_rng_state()}
+    state = controller.state_dict()
+    if state:  # the method's own state (none for LoRA)
+        ck["controller"] = state
+    if cuda:
+        ck["rng_cuda"] = torch.cuda.get_rng_state()
+    if states:  # each process's own, for a resume on as many processes
+        ck["rng_cpu_ranks"] = [cpu for cpu, _ in states]
+        if cuda:
+            ck["rng_cuda_ranks"] = [gpu for _, gpu in states]
+    return ck
+
+
 def make_controller(mods, optimizer, cfg, total):
     """What the method does between optimizer steps (a beamlora.Controller; the plain one does nothing)."""
     return method_hooks(cfg).controller(mods, optimizer, cfg, total)
@@ -379,13 +411,7 @@ def run_locked(cfg, ddp, preemption):
     torch.backends.cuda.matmul.allow_tf32 = True
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
 
-    # model: the frozen base in the low precision dtype, trained params in fp32 (a base that trains: fp32 too)
-    base_dtype = torch.float32 if method.TRAINS_BASE else ptdtype
-    model = Transformer.from_pretrained(cfg["init_from"], device=cfg["device"], dtype=base_dtype) \
-        if cfg["init_from"] else Transformer.from_config(config, device=cfg["device"])
-    mods = wrap(model, cfg)
-    model.gradient_checkpointing = cfg["gradient_checkpointing"]
-    model.train()
+    model, mods = build_model(cfg, method, config, ptdtype)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     n_frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "embed_tokens" not in n)
@@ -433,20 +459,8 @@ def run_locked(cfg, ddp, preemption):
             return
         with rundir.writes(ckpt_path, good):
             rundir.sync_records(cfg["out_dir"])  # the rows this checkpoint covers are on disk before it is
-            ck = {"params": {n: p.detach() for n, p in raw_model.named_parameters() if p.requires_grad},
-                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                  "config": json.dumps(cfg), "fingerprints": {k: digest for k, (_, digest) in prints.items()},
-                  "log_losses": pending, "rng_cpu": torch.get_rng_state()}
-            state = controller.state_dict()
-            if state:  # the method's own state (none for LoRA)
-                ck["controller"] = state
-            if dev_type == "cuda":
-                ck["rng_cuda"] = torch.cuda.get_rng_state()
-            if states:  # each process's own, for a resume on as many processes
-                ck["rng_cpu_ranks"] = [cpu for cpu, _ in states]
-                if dev_type == "cuda":
-                    ck["rng_cuda_ranks"] = [gpu for _, gpu in states]
-            atomic_save(ck, ckpt_path)
+            atomic_save(checkpoint(raw_model, optimizer, scaler, controller, step, cfg, prints, pending, states,
+                                   dev_type == "cuda"), ckpt_path)
         good = (step, ckpt_path)
         clock.saved(step, started)
 
