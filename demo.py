@@ -149,6 +149,14 @@ def base_key(data, model_config, settings):
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest(), what
 
 
+def stopped(result):
+    """A run that train.py stopped early (SIGTERM / SIGUSR1: a preemption) ends the demo there, with the signal's
+    exit code; the next `python train.py` starts that step over (an unfinished base has no stamp)."""
+    if result.get("stopped"):
+        sys.exit(128 + result.get("signal", 0))
+    return result
+
+
 def build_base(data, cfg, train):
     """Pretrain the tiny base once per key: out_dir/base/<key>/model, reused while the key is the same.
     train: train.py's `run` (settings -> summary), handed over by the caller: this file imports nothing of train.py."""
@@ -169,8 +177,8 @@ def build_base(data, cfg, train):
         json.dump(config, f, indent=2)
     print(f"base model: pretraining a {cfg['n_layers']}-layer, {cfg['dim']}-wide LLaMA from scratch "
           f"({cfg['pretrain_steps']} steps, once for these settings, code, data and torch: {base_dir})")
-    train(out_dir=base_dir, model_config=os.path.join(base_dir, "config.json"),
-          tokenizer=os.path.join(data, "tokenizer.model"), data=os.path.join(data, "pretrain.txt"), **settings)
+    stopped(train(out_dir=base_dir, model_config=os.path.join(base_dir, "config.json"),
+                  tokenizer=os.path.join(data, "tokenizer.model"), data=os.path.join(data, "pretrain.txt"), **settings))
     os.remove(os.path.join(base_dir, "ckpt.pt"))  # the optimizer state of a finished pretraining: not needed
     with open(stamp + ".tmp", "w") as f:  # written last: a base without it is unfinished
         json.dump({"key": key, **what}, f, indent=1)
@@ -205,6 +213,7 @@ def run(cfg, train):
     base = build_base(data, cfg, train)
     t1 = time.time()
     result, out = finetune(base, data, cfg, train)
+    stopped(result)
     events = []
     if os.path.isfile(os.path.join(out, "events.jsonl")):
         with open(os.path.join(out, "events.jsonl")) as f:

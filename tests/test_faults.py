@@ -473,3 +473,13 @@ def test_ddp_teardown_frees_the_wrapper_before_the_process_group(base, demo_data
     res = train.train(cfg_for(base, demo_data, tmp_path / how, max_steps=8, stop_after=5 if how == "stop_after" else 0))
     assert res["steps"] == {"finished": 8, "stop_after": 5, "signal": 4}[how]
     assert calls == ["barrier", 0] and not torch.distributed.is_initialized()
+
+
+def test_demo_ends_where_a_preempted_run_stopped():
+    # `python train.py` (the demo) preempted while it pretrains its base: it exits as train.py would (143 for
+    # SIGTERM), not on to a fine-tune of a base that was never finished
+    import demo
+    with pytest.raises(SystemExit) as e:
+        demo.stopped({"stopped": True, "signal": signal.SIGTERM, "steps": 61})
+    assert e.value.code == 143
+    assert demo.stopped({"steps": 3}) == {"steps": 3}
