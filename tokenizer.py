@@ -224,6 +224,8 @@ def _mistral(tok, messages):
             raise ValueError(f"Mistral's chat format: turn {i + 1 + (system is not None)} is {m['role']!r}; after "
                              "an optional system turn the turns alternate user, assistant, user, ...")
     last_user = max((i for i, m in enumerate(rest) if m["role"] == "user"), default=-1)
+    if system is not None and last_user < 0:
+        raise ValueError("Mistral's chat format: a system turn goes into a user turn, and there is none")
     inst, end_inst = tok.special["[INST]"], tok.special["[/INST]"]
     turns = [([tok.bos_id], False)]
     for i, m in enumerate(rest):

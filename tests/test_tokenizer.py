@@ -274,3 +274,5 @@ def test_mistral_chat_equals_its_template(mistral):
     assert [t for _, t in turns] == [False, False, True]
     with pytest.raises(ValueError, match="alternate user, assistant"):
         encode_chat(tok, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(ValueError, match="a system turn goes into a user turn"):
+        encode_chat(tok, [{"role": "system", "content": "a"}])
