@@ -39,9 +39,9 @@ from configurator import ConfigError, cli, parse_args  # noqa: E402
 out_dir = "out/rankbench"  # the data, the base (base/<key>/), one folder per run, results.jsonl, table.md
 # the task (data/rankbench/generate.py)
 data_seed = 0  # the table, the problems
-n_stalls = 512  # stalls in the price table: the prices to learn
+n_stalls = 512  # stalls in the price table: the prices the base learns
+n_new = 0  # of them, how many the fine-tune changes (0: all)
 rounds = 8  # every price is in this many training problems
-lookups = 2  # prices a problem needs
 n_val = 500  # validation problems: settings are chosen on these (--split=val), never on test
 n_test = 1000  # held-out problems
 n_pretrain = 40000  # pieces of pretraining text
@@ -65,7 +65,7 @@ p_init = 0.9  # BeamLoRA's initial top-p (as compare.py)
 split = "test"  # which held-out problems score the runs: test, or val while choosing settings
 eval_limit = 0  # the first this many problems of the split; 0: all
 eval_batch_size = 100  # problems decoded at once
-max_new_tokens = 128  # a two-price solution is about 85 tokens
+max_new_tokens = 40  # a solution is about 20 tokens
 contrasts = "lora_r32-lora_r2,lora_r8-lora_r2,lora_r32-lora_r8,full-lora_r8"  # paired differences reported
 threads = 1  # torch threads per run (part of a run's key)
 jobs = 1  # runs at once
@@ -77,8 +77,8 @@ del DEFAULTS["ROOT"]
 # -----------------------------------------------------------------------------
 QUICK = dict(methods="lora", ranks="2,32", seeds=2, eval_limit=300, contrasts="lora_r32-lora_r2")
 RANK_FREE = ("base", "full")
-MAX_LEN = 192  # tokens per example (a two-price problem with its solution: about 145)
-TASK_KEYS = ("n_stalls", "rounds", "lookups", "n_val", "n_test", "n_pretrain")
+MAX_LEN = 96  # tokens per example (a problem with its solution: about 64)
+TASK_KEYS = ("n_stalls", "n_new", "rounds", "n_val", "n_test", "n_pretrain")
 CODE = ["bench/rankbench.py", "bench/compare.py", "data/rankbench/generate.py", "data/demo/prepare.py"]
 
 
@@ -141,14 +141,20 @@ def run_one(spec):
                                        f"--limit={spec['eval_limit']}", f"--batch_size={spec['eval_batch_size']}",
                                        f"--max_new_tokens={spec['max_new_tokens']}", "--device=cpu"])
     gen = generator()
-    table = gen.read_table(spec["data_dir"])
+    table, old = gen.read_table(spec["data_dir"]), gen.read_table(spec["data_dir"], "old_price")
     with open(os.path.join(out, "eval", "gsm8k_samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]
     with open(spec["test"]) as f:
         questions = [json.loads(line)["question"] for line in f][:len(samples)]
     rec = [gen.recall(s["output"], q, table) for s, q in zip(samples, questions)]
+    rec_old = [gen.recall(s["output"], q, old) for s, q in zip(samples, questions)]
+    ops = 0  # BeamLoRA's prune/expand operations (paper Figure 6 counts them)
+    if os.path.isfile(os.path.join(out, "events.jsonl")):
+        with open(os.path.join(out, "events.jsonl")) as f:
+            ops = sum(json.loads(line).get("kind") == "prune_expand" for line in f)
     return {"accuracy": summary["accuracy"], "correct": summary["correct"], "n": summary["n"],
             "invalid_rate": summary["invalid_rate"], "recall": sum(rec) / len(rec),
+            "recall_old": sum(rec_old) / len(rec_old), "operations": ops,
             "val_loss": res.get("val_loss"), "train_s": res.get("wall_s", 0.0), "eval_s": time.time() - t1,
             "peak_mem_gib": res.get("peak_mem_gib"), "total_s": time.time() - t0,
             "cpu_s": time.process_time() - c0, "torch": torch.__version__}
@@ -242,6 +248,9 @@ def main(argv):
     import torch
     import train
     labels = [m.strip() for m in cfg["methods"].split(",") if m.strip()]
+    if labels == ["table"]:  # compare.py's full table: every method and variant, and the base
+        labels = ["base"] + [m for m in compare.TABLE.split(",") if compare.VARIANTS.get(m, {}).get("method", m)
+                             in train.METHODS]
     ranks = [int(r) for r in str(cfg["ranks"]).split(",")]
     settings = {m: compare.method_settings(m, train.DEFAULTS) for m in labels if m != "base"}
     for m in settings:
@@ -277,7 +286,8 @@ def main(argv):
                                      dt=max(2, steps // 8 // 2 * 2), p_init=cfg["p_init"], max_steps=steps,
                                      batch_size=cfg["batch_size"], micro_batch_size=cfg["batch_size"], lr=cfg["lr"],
                                      warmup_ratio=0.05, dtype="float32", device="cpu", seed=seed,
-                                     log_interval=max(1, steps // 4), overwrite=True)
+                                     log_interval=max(1, steps // 4), overwrite=True,
+                                     score_log_interval=max(1, steps // 20))  # ranks over training (LR-LoRA's)
                     train_cfg.update(settings[m])
                     train.check_config(train_cfg)
                 spec = {"label": m, "r": r, "seed": 0 if m == "base" else seed, "train": train_cfg, "test": test,

@@ -4,13 +4,12 @@
 import importlib.util
 import json
 import os
-import re
 
 import pytest
 
 from conftest import ROOT
 
-TINY = dict(seed=3, n_stalls=24, rounds=3, lookups=2, n_val=20, n_test=30, n_pretrain=300)
+TINY = dict(seed=3, n_stalls=24, rounds=3, n_val=20, n_test=30, n_pretrain=300)
 
 
 def load(path, name):
@@ -54,15 +53,18 @@ def test_files_are_deterministic(gen, tmp_path):
     assert os.path.getmtime(os.path.join(one, "train.jsonl")) == mtime
 
 
-def test_pretraining_is_the_same_for_every_table(gen, tmp_path):
-    # one base serves every table size: its corpus and tokenizer do not depend on n_stalls, rounds or the splits
-    a, b = gen.build(cfg(gen)), gen.build(cfg(gen, n_stalls=48, rounds=5, n_val=7, n_test=9))
-    assert a[3] == b[3] and a[4] != b[4]
+def test_pretraining_is_the_same_for_every_round_count_and_split(gen, tmp_path):
+    # one base serves them all: its corpus and tokenizer depend on the table's stalls, not on rounds or the splits
+    a, b = gen.build(cfg(gen)), gen.build(cfg(gen, rounds=5, n_val=7, n_test=9))
+    assert a[3] == b[3] and a[0] != b[0]
+    assert gen.build(cfg(gen, n_stalls=48))[3] != a[3]
     one = gen.prepare(out_dir=str(tmp_path / "one"), **TINY)
-    two = gen.prepare(out_dir=str(tmp_path / "two"), **dict(TINY, n_stalls=48, rounds=5))
+    two = gen.prepare(out_dir=str(tmp_path / "two"), **dict(TINY, rounds=5, n_test=9))
     for name in ("pretrain.txt", "tokenizer.model"):
         with open(os.path.join(one, name), "rb") as f, open(os.path.join(two, name), "rb") as g:
             assert f.read() == g.read(), name
+    assert gen.read_table(one) == gen.build(cfg(gen))[4]
+    assert gen.read_table(one, "old_price") == gen.old_table(cfg(gen))
 
 
 def test_splits_do_not_overlap_and_pretraining_has_no_held_out_question(gen):
@@ -96,8 +98,8 @@ def test_templated_pieces_are_what_eval_prompts_and_train_trains(gen, tmp_path):
 def test_every_price_is_taught_rounds_times_and_asked_ones_are_in_the_table(gen):
     c = cfg(gen)
     train, val, test, lines, table = gen.build(c)
-    assert len(table) == c["n_stalls"] and len(train) == c["rounds"] * len(table) // c["lookups"]
-    assert all(c["price_min"] <= p <= c["price_max"] and 100 <= s <= 999 for s, p in table.items())
+    assert len(table) == c["n_stalls"] and len(train) == c["rounds"] * len(table)
+    assert all(p in gen.STALLS and s in gen.STALLS for s, p in table.items())
     counts = {}
     for row in train:
         for s in gen.ASKED.findall(row["question"]):
@@ -105,57 +107,81 @@ def test_every_price_is_taught_rounds_times_and_asked_ones_are_in_the_table(gen)
     assert counts == {s: c["rounds"] for s in table}
     for row in val + test:
         stalls = [int(s) for s in gen.ASKED.findall(row["question"])]
-        assert len(stalls) == c["lookups"] == len(set(stalls)) and all(s in table for s in stalls)
+        assert len(stalls) == 1 and stalls[0] in table
 
 
 def test_solutions_are_right_and_use_the_table(gen):
     train, val, test, lines, table = gen.build(cfg(gen))
-    for row in train + test:
+    for row in train + val + test:
+        stall = int(gen.ASKED.findall(row["question"])[0])
         stated = {int(s): int(p) for s, p in gen.STEP.findall(row["response"])}
-        assert len(stated) == 2 and all(table[s] == p for s, p in stated.items())
-        total = sum(int(c) * table[int(s)] for c, s in re.findall(r"(\d+) bags at stall (\d+)", row["question"]))
-        assert row["answer"].endswith(f"#### {total}") and row["response"].endswith(f"The answer is: {total}")
+        assert stated == {stall: table[stall]}
+        assert row["answer"].endswith(f"#### {table[stall]}")
+        assert row["response"].endswith(f"The answer is: {table[stall]}")
         assert row["response"].startswith("Let's think step by step.\n")
         assert gen.recall(row["response"], row["question"], table) == 1.0
 
 
-def test_pretraining_prices_are_not_the_table(gen):
-    # every pretraining price is drawn afresh: about 1 in 11 agrees with the table, by chance
-    train, val, test, lines, table = gen.build(cfg(gen, n_pretrain=3000))
+def test_pretraining_has_the_old_prices_not_the_new(gen):
+    # the table's stalls always at their old price in pretraining, which agrees with the new one 1 time in 900
+    c = cfg(gen, n_stalls=120, n_pretrain=3000)
+    train, val, test, lines, table = gen.build(c)
+    old = gen.old_table(c)
+    assert list(old) == list(table) and sum(old[s] == table[s] for s in table) <= 2
     stated = [(int(s), int(p)) for line in lines for s, p in gen.STEP.findall(line)]
     in_table = [(s, p) for s, p in stated if s in table]
-    assert len(stated) > 2000 and len(in_table) > 50
-    assert sum(table[s] == p for s, p in in_table) / len(in_table) < 0.2
+    assert len(in_table) > 1000 and all(old[s] == p for s, p in in_table)
+    assert len(stated) - len(in_table) > 100  # other stalls too (at random prices)
+
+
+def test_n_new_changes_some_prices_on_the_same_base(gen):
+    # a fine-tune that changes 10 of the 24 prices: the same pretraining (so the same base), only those asked
+    full, part = gen.build(cfg(gen)), gen.build(cfg(gen, n_new=10))
+    assert part[3] == full[3] and len(part[4]) == 10 and all(full[4][s] == p for s, p in part[4].items())
+    for row in part[0] + part[1] + part[2]:
+        assert int(gen.ASKED.findall(row["question"])[0]) in part[4]
+    assert len(part[0]) == 3 * 10
+    with pytest.raises(gen.ConfigError, match="n_new"):
+        gen.build(cfg(gen, n_new=25))
+
+
+def test_numbers_are_one_token_each(gen, tmp_path):
+    # a stall is one key token and a price one of 900 value tokens; other numbers fall back to digits
+    import sentencepiece as spm
+    out = gen.prepare(out_dir=str(tmp_path), **TINY)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "tokenizer.model"))
+    for n in (100, 347, 999):
+        pieces = [p.strip("\u2581") for p in sp.encode(f"stall {n} costs", out_type=str)]
+        assert [p for p in pieces if p] == ["stall", str(n), "costs"]
+    assert sp.decode(sp.encode("The answer is: 518")) == "The answer is: 518"
+    assert len(sp.encode("1000")) > 1
 
 
 def test_bad_settings(gen):
     with pytest.raises(gen.ConfigError, match="n_stalls"):
         gen.build(cfg(gen, n_stalls=901))
-    with pytest.raises(gen.ConfigError, match="lookups"):
-        gen.build(cfg(gen, n_stalls=9, lookups=2))
+    with pytest.raises(gen.ConfigError, match="rounds"):
+        gen.build(cfg(gen, n_stalls=9, rounds=200))
 
 
-QUESTION = "Tom buys 3 bags at stall 347 and 2 bags at stall 125. How many dollars does he pay?"
-TABLE = {347: 7, 125: 4, 126: 5}
-RIGHT = ("3 bags at stall 347 cost 3*7=21 dollars.\n2 bags at stall 125 cost 2*4=8 dollars.\n"
-         "In all he pays 21+8=29 dollars.\nThe answer is: 29")
+QUESTION = "Tom buys rice at stall 347. How many dollars does he pay?"
+TABLE = {347: 518, 125: 204}
+RIGHT = "Let's think step by step.\nEverything at stall 347 costs 518 dollars.\nThe answer is: 518"
 
 
 @pytest.mark.parametrize("output, correct, valid, recall", [
     (RIGHT, True, True, 1.0),
-    (RIGHT.replace("2*4=8", "2*5=10").replace("21+8=29", "21+10=31").replace("is: 29", "is: 31"),
-     False, True, 0.5),  # one price wrong: the answer wrong, half the prices right
-    (RIGHT.replace("21+8=29", "21+8=28").replace("is: 29", "is: 28"), False, True, 1.0),  # prices right, sum wrong
-    (RIGHT.replace("The answer is: 29", ""), False, False, 1.0),  # no answer line: invalid
-    (RIGHT.replace("is: 29", "is: 29 dollars"), True, True, 1.0),
-    ("2 bags at stall 125 cost 2*4=8 dollars.\nThe answer is: 29", True, True, 0.5),  # one price not used
-    ("2 bags at stall 126 cost 2*4=8 dollars.\nThe answer is: 12", False, True, 0.0),  # another stall's
-    ("3 bags at stall 347 cost 21 dollars.\nThe answer is: 29", True, True, 0.0),  # no product: no price read
+    (RIGHT.replace("518", "519"), False, True, 0.0),  # the wrong price, copied to the answer
+    (RIGHT.replace("is: 518", "is: 519"), False, True, 1.0),  # the price right, copied wrong
+    (RIGHT.replace("costs 518", "costs 519"), True, True, 0.0),  # the answer right, the step wrong
+    (RIGHT.replace("The answer is: 518", ""), False, False, 1.0),  # no answer line: invalid
+    (RIGHT.replace("is: 518", "is: 518 dollars"), True, True, 1.0),
+    (RIGHT.replace("stall 347", "stall 125"), True, True, 0.0),  # another stall's step: no price of 347 read
     ("", False, False, 0.0),
 ])
 def test_scorers_on_hand_made_replies(gen, output, correct, valid, recall):
     import eval as eval_lib
-    s = eval_lib.score("gsm8k", output, {"gold": "29"})
+    s = eval_lib.score("gsm8k", output, {"gold": "518"})
     assert (s["correct"], s["valid"]) == (correct, valid)
     assert gen.recall(output, QUESTION, TABLE) == recall
 
