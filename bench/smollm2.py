@@ -260,8 +260,7 @@ def plan(cfg, labels, settings, test, identity):
                 train.check_config(train_cfg)
             spec.update(run_dir=run_dir, model=cfg["model"], test=test)
             runs.append((spec, key))
-    pair = (cfg["baseline"], "peft")
-    runs.sort(key=lambda x: not (x[0]["label"] in pair and x[0]["seed"] < cfg["peft_seeds"]))  # stable
+    runs.sort(key=lambda x: not (x[0]["label"] in ("lora", "peft") and x[0]["seed"] < cfg["peft_seeds"]))
     return runs, copies
 
 
@@ -299,9 +298,9 @@ def summarize(rows, labels, baseline):
     return cells, diffs
 
 
-def ours_vs_peft(rows, baseline):
-    """Per seed that has both: our LoRA run (the baseline's label) and PEFT's, side by side."""
-    ours = {x["seed"]: x for x in rows if x["label"] == baseline}
+def ours_vs_peft(rows):
+    """Per seed that has both: our LoRA run ("lora") and PEFT's, side by side."""
+    ours = {x["seed"]: x for x in rows if x["label"] == "lora"}
     out = []
     for p in sorted((x for x in rows if x["label"] == "peft"), key=lambda x: x["seed"]):
         o = ours.get(p["seed"])
@@ -350,7 +349,7 @@ def table(cells, diffs, side, baseline):
     for m, st in cells.items():
         lines.append(f"| {m} | " + " | ".join(fmt(st["by_task"].get(t), None) for t in tasks) + " |")
     if side:
-        lines += ["", f"Ours ({baseline}) vs PEFT, the same run:", "",
+        lines += ["", "Ours (lora) vs PEFT, the same run:", "",
                   "| seed | step (s) ours / PEFT | ratio | training CPU (s) ours / PEFT | ratio | peak RSS (GiB) "
                   "ours / PEFT | ratio | max |Δ loss| over steps | exact % ours / PEFT | held-out loss ours / PEFT |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -455,7 +454,7 @@ def main(argv):
     for key, seed in copies:  # the base's one run, stood in for every seed (it has no seed)
         rows += [dict(x, seed=seed) for x in rows if x["label"] == "base" and x["seed"] == 0][:1]
     cells, diffs = summarize(rows, labels, cfg["baseline"])
-    side = ours_vs_peft(rows, cfg["baseline"])
+    side = ours_vs_peft(rows)
     md = table(cells, diffs, side, cfg["baseline"])
     md += (f"\n\n{len(rows)} rows, commit {', '.join(sorted({x['commit'] for x in rows}))}; torch "
            f"{', '.join(sorted({x['torch'] for x in rows}))}; {cfg['steps']} steps, r = {cfg['r']}; this invocation "

@@ -31,6 +31,16 @@ HAS_RG = importlib.util.find_spec("reasoning_gym") is not None
 needs_peft = pytest.mark.skipif(not HAS_PEFT, reason="needs transformers and peft (requirements-test.txt)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread, as the runner's runs: a second one only spins when the cores are shared (seen: 4x the CPU
+    time of this file on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llama(folder, tokenizer):
     """A tiny random Llama shaped as SmolLM2 is (tied embeddings; its rms_norm_eps and rope_theta written out, as
     transformers' defaults for a missing one differ from ours) with `tokenizer`: a path, or None for the test
