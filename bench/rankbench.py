@@ -1,19 +1,24 @@
 """
-A miniature where rank matters: fine-tunes that must learn a price table the base has never seen
-(data/rankbench/generate.py), so that what an adapter can hold, and so its rank, decides the score.
-The demo's task (bench/compare.py) is at its ceiling (LoRA 98.3%) and cannot show a gain; this one can.
+A miniature where rank matters: fine-tunes that must rewrite a price list the base learned (knowledge editing
+at scale, data/rankbench/generate.py: every stall and every price one token, 900 values a fact), so that how
+many facts an adapter can take in within the budget, and so its rank, decides the score. The demo's task
+(bench/compare.py) is at its ceiling (LoRA 98.3%) and cannot show a gain; this one can. docs/RANKBENCH.md has
+the design, the runs and what did not discriminate.
 
     python bench/rankbench.py --quick                          # lora at r = 2 and 32, 2 seeds: about 10 minutes
     python bench/rankbench.py                                  # base, lora r = 2, 8, 32, full; 3 seeds
-    python bench/rankbench.py --methods=lora,beamlora --ranks=2,4,8,16,32 --seeds=3
+    python bench/rankbench.py --methods=table --ranks=8 --seeds=5              # every method and variant
+    python bench/rankbench.py --methods=lora,beamlora,lrlora --ranks=2,4,8,16,32 --seeds=3
+    python bench/rankbench.py --methods=beamlora:dt=48,beamlora:p_init=0.95 --ranks=8 --seeds=3
     python bench/rankbench.py --methods=lora --ranks=8 --seeds=1 --split=val --lr=1e-2   # choosing settings
+    python bench/rankbench_figures.py                          # the rank, dt and p_init figures from the records
 
-The base: a LLaMA pretrained from scratch on the generator's corpus (the price problems with random prices,
-times-table and addition facts) by demo.py's own build_base, cached in out_dir/base/<key>/ and keyed as the
+The base: a LLaMA pretrained from scratch on the generator's corpus (the price problems at the old prices, and
+at random prices for other stalls) by demo.py's own build_base, cached in out_dir/base/<key>/ and keyed as the
 demo's (settings, code, data bytes, torch, threads). Each run (method x rank x seed) is one process with
 --threads torch threads (one: a run's numbers do not depend on how many run at once), fine-tunes the base
 and is scored by eval.py's gsm8k scorer on the held-out problems of --split, beside `recall`, the share of
-the asked prices the model's solution states right (the table it holds, apart from its arithmetic). Method
+the asked prices the model's solution states right (the table it holds, apart from copying it to the answer). Method
 "base" scores the base alone; "full" and the other methods take compare.py's names, variants and options
 (method:key=value). A rank-free method (base, full) runs once per seed whatever --ranks says.
 
@@ -40,8 +45,9 @@ out_dir = "out/rankbench"  # the data, the base (base/<key>/), one folder per ru
 # the task (data/rankbench/generate.py)
 data_seed = 0  # the table, the problems
 n_stalls = 512  # stalls in the price table: the prices the base learns
-n_new = 0  # of them, how many the fine-tune changes (0: all)
-rounds = 8  # every price is in this many training problems
+n_new = 384  # how many prices the fine-tune teaches (0: all n_stalls)
+unseen = True  # the taught stalls are outside the base's table (new facts); False: n_new of its own (edits)
+rounds = 25  # every price is in this many training problems
 n_val = 500  # validation problems: settings are chosen on these (--split=val), never on test
 n_test = 1000  # held-out problems
 n_pretrain = 40000  # pieces of pretraining text
@@ -60,13 +66,13 @@ ranks = "2,8,32"  # LoRA ranks (alpha = 2r)
 seeds = 3  # seeds 0 .. seeds-1
 steps = 600  # optimizer steps of batch_size problems
 batch_size = 16  # problems per step
-lr = 5e-3  # peak learning rate of every LoRA-family method (full: compare.py's METHOD_OPTIONS)
+lr = 4e-3  # peak learning rate of every LoRA-family method, chosen for LoRA on val (docs/RANKBENCH.md)
 p_init = 0.9  # BeamLoRA's initial top-p (as compare.py)
 split = "test"  # which held-out problems score the runs: test, or val while choosing settings
 eval_limit = 0  # the first this many problems of the split; 0: all
 eval_batch_size = 100  # problems decoded at once
 max_new_tokens = 40  # a solution is about 20 tokens
-contrasts = "lora_r32-lora_r2,lora_r8-lora_r2,lora_r32-lora_r8,full-lora_r8"  # paired differences reported
+contrasts = "lora_r32-lora_r2,lora_r8-lora_r2,lora_r32-lora_r8,*-lora_r8"  # paired differences (*: every cell)
 threads = 1  # torch threads per run (part of a run's key)
 jobs = 1  # runs at once
 quick = False  # lora at r = 2 and 32, 2 seeds, 300 test problems (what is not given on the command line)
@@ -78,7 +84,7 @@ del DEFAULTS["ROOT"]
 QUICK = dict(methods="lora", ranks="2,32", seeds=2, eval_limit=300, contrasts="lora_r32-lora_r2")
 RANK_FREE = ("base", "full")
 MAX_LEN = 96  # tokens per example (a problem with its solution: about 64)
-TASK_KEYS = ("n_stalls", "n_new", "rounds", "n_val", "n_test", "n_pretrain")
+TASK_KEYS = ("n_stalls", "n_new", "unseen", "rounds", "n_val", "n_test", "n_pretrain")
 CODE = ["bench/rankbench.py", "bench/compare.py", "data/rankbench/generate.py", "data/demo/prepare.py"]
 
 
@@ -176,6 +182,12 @@ def cell(label, r):
     return label if r is None else f"{label}_r{r}"
 
 
+def expand(con, cells):
+    """"*-lora_r8": every other cell against lora_r8; any other contrast as it is."""
+    a, _, b = con.partition("-")
+    return [f"{c}-{b}" for c in cells if c != b] if a == "*" else [con]
+
+
 def summarize(rows, contrasts):
     """-> ({cell: stats over seeds}, {contrast: paired stats}); compare.py's t-intervals."""
     from compare import interval
@@ -192,7 +204,7 @@ def summarize(rows, contrasts):
             st[key], st[key + "_hw"] = interval([runs[s][key] for s in seeds])
         cells[c] = st
     diffs = {}
-    for con in contrasts:
+    for con in [c for con in contrasts for c in expand(con, by)]:
         a, _, b = con.partition("-")
         if a not in by or b not in by:
             continue

@@ -65,6 +65,7 @@ out_dir = os.path.join(ROOT, "out", "rankbench", "data")  # where the files go
 seed = 0  # the table, the problems and their order
 n_stalls = 512  # stalls in the price table (at most 900): the prices the base learns
 n_new = 0  # of them, how many get a new price that the fine-tune teaches (0: all)
+unseen = False  # True: the fine-tune teaches n_new stalls outside the table instead (new facts, not edits)
 rounds = 8  # every table entry is in this many training problems
 n_val = 500  # validation problems (for choosing settings), none a train or test question
 n_test = 1000  # held-out problems, none a train question
@@ -135,6 +136,9 @@ def check(cfg):
         raise ConfigError(f"--n_stalls={cfg['n_stalls']}: 1 to {len(STALLS)}")
     if not 0 <= cfg["n_new"] <= cfg["n_stalls"]:
         raise ConfigError(f"--n_new={cfg['n_new']}: 0 (all) to n_stalls={cfg['n_stalls']}")
+    if cfg["unseen"] and not 1 <= cfg["n_new"] <= len(STALLS) - cfg["n_stalls"]:
+        raise ConfigError(f"--unseen needs --n_new from 1 to the {len(STALLS) - cfg['n_stalls']} stalls outside the "
+                          "table")
     if cfg["rounds"] < 1 or cfg["n_val"] < 0 or cfg["n_test"] < 1:
         raise ConfigError("--rounds and --n_test must be >= 1, --n_val >= 0")
     per_stall = len(NAMES) * len(VERBS) * len(GOODS)
@@ -162,7 +166,10 @@ def build(cfg):
     lines, seen = pretraining(cfg)  # no train, val or test question is one of pretraining's
     table = make_table(cfg["seed"], cfg["n_stalls"])
     rng = random.Random(f"rankbench-problems-{cfg['seed']}")
-    if cfg["n_new"]:  # the fine-tune changes these prices only; the others keep their old ones, never asked
+    if cfg["unseen"]:  # stalls the base saw only at random prices: their prices are new facts, not edits
+        rest = [s for s in STALLS if s not in table]
+        table = {s: rng.choice(STALLS) for s in sorted(rng.sample(rest, cfg["n_new"]))}
+    elif cfg["n_new"]:  # the fine-tune changes these prices only; the others keep their old ones, never asked
         table = {s: table[s] for s in sorted(rng.sample(list(table), cfg["n_new"]))}
     keys = list(table)
 
@@ -229,7 +236,7 @@ def prepare(**settings):
         f.writelines(line + "\n" for line in lines)
     with open(os.path.join(out, "table.json"), "w") as f:
         old = old_table(cfg)
-        json.dump([{"stall": s, "price": p, "old_price": old[s]} for s, p in table.items()], f, indent=0)
+        json.dump([{"stall": s, "price": p, "old_price": old.get(s)} for s, p in table.items()], f, indent=0)
     meta["n_vocab"] = write_tokenizer(os.path.join(out, "tokenizer.model"), lines, cfg["vocab_size"])
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
@@ -239,9 +246,10 @@ def prepare(**settings):
 
 
 def read_table(data_dir, which="price"):
-    """{stall: price} of table.json: the new prices (which="price") or the base's (which="old_price")."""
+    """{stall: price} of table.json: the new prices (which="price") or the base's (which="old_price"; none for an
+    unseen stall)."""
     with open(os.path.join(data_dir, "table.json")) as f:
-        return {e["stall"]: e[which] for e in json.load(f)}
+        return {e["stall"]: e[which] for e in json.load(f) if e[which] is not None}
 
 
 def recall(output, question, table):
