@@ -26,6 +26,7 @@ DEFAULTS = dict(
     split="test",  # the records of this split only
     rank=8,  # the rank of the dt and p_init sweeps
     ranked="lora,beamlora,lrlora",  # the rank sweep's methods (the first is the baseline)
+    p_init=0.9,  # the runs' --p_init: where plain beamlora sits in the p_init sweep
 )
 
 
@@ -70,7 +71,7 @@ def rank_sweep(rows, methods):
 
 
 def sweep(rows, key, r, value):
-    """beamlora:key=X runs at rank r (and beamlora's own default as the value the runs record) -> {x: point}."""
+    """beamlora:key=X runs at rank r, and plain beamlora's at its default -> {value(label, runs): point}."""
     out = {}
     for label in sorted({x["label"] for x in rows if x["label"].startswith(f"beamlora:{key}=")} | {"beamlora"}):
         runs = by_seed(rows, label, r)
@@ -135,8 +136,7 @@ def main(argv):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ranks = rank_sweep(rows, methods)
     ops = sweep(rows, "dt", r, lambda label, runs: round(sum(x["operations"] for x in runs.values()) / len(runs)))
-    pinit = sweep(rows, "p_init", r, lambda label, runs: float(label.split("=")[1]) if "=" in label else None)
-    pinit.pop(None, None)  # beamlora's default p_init is one of the labelled points only if run as one
+    pinit = sweep(rows, "p_init", r, lambda label, runs: float(label.split("=")[1]) if "=" in label else cfg["p_init"])
     lora = point(by_seed(rows, "lora", r)) if by_seed(rows, "lora", r) else None
     out = os.path.join(cfg["out_dir"], "rankbench_")
     if any(ranks[m] for m in methods):

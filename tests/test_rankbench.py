@@ -210,3 +210,42 @@ def test_driver_help_and_bad_input(rb, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and p.stderr.strip() == "error: --split=train: test or val"
     assert json.dumps(rb.QUICK)  # the quick settings are plain values
+
+
+@pytest.fixture(scope="module")
+def figs():
+    return load("bench/rankbench_figures.py", "rankbench_figures")
+
+
+def test_figures_pair_by_seed_and_draw(figs, tmp_path):
+    # made-up records: beamlora 2 points above lora at every rank and seed; dt variants with their operation counts
+    rows = []
+    for s in range(3):
+        for r in (2, 8, 32):
+            acc = {2: 0.1, 8: 0.5, 32: 0.9}[r] + 0.01 * s
+            rows.append({"label": "lora", "r": r, "seed": s, "accuracy": acc, "split": "test"})
+            rows.append({"label": "beamlora", "r": r, "seed": s, "accuracy": acc + 0.02, "operations": 5,
+                         "split": "test"})
+        for label, ops in (("beamlora:dt=300", 1), ("beamlora:dt=32", 12)):
+            rows.append({"label": label, "r": 8, "seed": s, "accuracy": 0.5, "operations": ops, "split": "test"})
+        rows.append({"label": "beamlora:p_init=0.95", "r": 8, "seed": s, "accuracy": 0.52, "split": "test"})
+    rows.append({"label": "lora", "r": 8, "seed": 0, "accuracy": 0.0, "split": "val"})  # another split: left out
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    figs.main([f"--results={path}", f"--out_dir={tmp_path}"])
+    data = json.loads((tmp_path / "rankbench_figures.json").read_text())
+    d = data["rank"]["beamlora"]["8"]["vs_lora"]
+    assert d["mean"] == pytest.approx(2.0) and d["hw"] == pytest.approx(0.0, abs=1e-9) and d["n"] == 3
+    assert data["rank"]["lora"]["8"]["accuracy"]["mean"] == pytest.approx(51.0)  # the val row is not in it
+    assert list(data["dt"]) == ["1", "5", "12"] and data["dt"]["5"]["label"] == "beamlora"
+    assert list(data["p_init"]) == ["0.9", "0.95"] and data["p_init"]["0.95"]["vs_lora"]["mean"] == pytest.approx(1.0)
+    for name in ("rank", "dt", "pinit"):
+        assert (tmp_path / f"rankbench_{name}.png").stat().st_size > 1000
+
+
+def test_figures_bad_input(tmp_path):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "bench/rankbench_figures.py", f"--results={tmp_path}/none.jsonl"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.strip().startswith("error: --results=") and "Traceback" not in p.stderr
