@@ -232,14 +232,23 @@ def test_figures_pair_by_seed_and_draw(figs, tmp_path):
     rows.append({"label": "lora", "r": 8, "seed": 0, "accuracy": 0.0, "split": "val"})  # another split: left out
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
-    figs.main([f"--results={path}", f"--out_dir={tmp_path}"])
+    for seed, extra in ((0, 1), (1, 3)):  # LR-LoRA's ranks: attention 8 + extra, MLP 8 - extra, 2 layers
+        run = tmp_path / "runs" / f"lrlora_r8_s{seed}_0123abcd"
+        run.mkdir(parents=True)
+        ranks = {f"model.layers.{d}.{kind}.{m}": 8 + (extra if kind == "self_attn" else -extra)
+                 for d in (0, 1) for kind, ms in (("self_attn", "qkvo"), ("mlp", "gud")) for m in ms}
+        (run / "ranks.json").write_text(json.dumps({"ranks": ranks}))
+    figs.main([f"--results={path}", f"--out_dir={tmp_path}", f"--runs_dir={tmp_path / 'runs'}"])
     data = json.loads((tmp_path / "rankbench_figures.json").read_text())
     d = data["rank"]["beamlora"]["8"]["vs_lora"]
     assert d["mean"] == pytest.approx(2.0) and d["hw"] == pytest.approx(0.0, abs=1e-9) and d["n"] == 3
     assert data["rank"]["lora"]["8"]["accuracy"]["mean"] == pytest.approx(51.0)  # the val row is not in it
     assert list(data["dt"]) == ["1", "5", "12"] and data["dt"]["5"]["label"] == "beamlora"
     assert list(data["p_init"]) == ["0.9", "0.95"] and data["p_init"]["0.95"]["vs_lora"]["mean"] == pytest.approx(1.0)
-    for name in ("rank", "dt", "pinit"):
+    lr = data["lrlora_ranks"]
+    assert lr["seeds"] == [0, 1] and lr["attention-mlp"]["mean"] == pytest.approx(4.0)  # (2 + 6) / 2
+    assert lr["layers"]["1"]["mlp"]["mean"] == pytest.approx(6.0) and lr["mlp"]["hw"] > 0
+    for name in ("rank", "dt", "pinit", "lrlora"):
         assert (tmp_path / f"rankbench_{name}.png").stat().st_size > 1000
 
 
