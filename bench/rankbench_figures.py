@@ -128,6 +128,7 @@ def draw_lrlora(data, r, path):
         ax.errorbar([int(d) + dx for d in depths], [p["mean"] for p in pts], yerr=[p["hw"] or 0.0 for p in pts],
                     capsize=3, marker="o", label=kind)
     ax.axhline(r, color="gray", lw=0.8, label=f"budget r = {r}")
+    ax.set_xticks([int(d) for d in depths])
     ax.set_xlabel("layer")
     ax.set_ylabel("learned rank (mean over the modules)")
     ax.set_title(f"LR-LoRA's ranks, {len(data['seeds'])} seeds (95% t-interval)")
@@ -147,11 +148,11 @@ def draw_rank(data, methods, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in methods:
+    for i, m in enumerate(methods):  # one colour a method in both panels
         rs = sorted(data[m])
-        errorbar(a, rs, [data[m][r]["accuracy"] for r in rs], label=m)
+        errorbar(a, rs, [data[m][r]["accuracy"] for r in rs], label=m, color=f"C{i}")
         if m != methods[0]:
-            errorbar(b, rs, [data[m][r]["vs_" + methods[0]] for r in rs], label=f"{m} - {methods[0]}")
+            errorbar(b, rs, [data[m][r]["vs_" + methods[0]] for r in rs], label=f"{m} - {methods[0]}", color=f"C{i}")
     for ax in (a, b):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank r")
