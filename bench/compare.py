@@ -272,6 +272,26 @@ def start(spec, run_dir):
     return proc, log
 
 
+def quick_settings(cfg, argv, quick):
+    """--quick: the quick settings, except those given on the command line."""
+    given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    cfg.update({k: v for k, v in quick.items() if k not in given})
+
+
+def read_results(path):
+    """{key: row} of a driver's results.jsonl (none yet: {}); a line that is not a result is a ConfigError."""
+    done = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                    done[row["key"]] = row
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ConfigError(f"{path}:{n}: not a result line (move the file away to start over)") from None
+    return done
+
+
 def finish(proc, log, run_dir):
     log.close()
     with open(os.path.join(run_dir, "stdout.txt")) as f:
@@ -307,9 +327,8 @@ def main(argv):
         with open(cfg["worker"]) as f:
             print("RESULT " + json.dumps(run_one(json.load(f))), flush=True)
         return
-    if cfg["quick"]:  # the quick settings, except where given on the command line
-        given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
-        cfg.update({k: v for k, v in QUICK.items() if k not in given})
+    if cfg["quick"]:
+        quick_settings(cfg, argv, QUICK)
     import torch
     import dataset
     import train
@@ -337,16 +356,7 @@ def main(argv):
             raise ConfigError(f"--{key}={path}: not found")
     os.makedirs(cfg["out_dir"], exist_ok=True)
     results_path = os.path.join(cfg["out_dir"], "results.jsonl")
-    done = {}
-    if os.path.isfile(results_path):
-        with open(results_path) as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                    done[row["key"]] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(f"{results_path}:{n}: not a result line "
-                                      "(move the file away to start over)") from None
+    done = read_results(results_path)
     # what makes a run: its settings, the code, torch, and the bytes of the base and data
     identity = {"code": code_hash(), "torch": torch.__version__, "base": sha256_tree(base),
                 "data": sha256_tree(data), "test": sha256_tree(test)}

@@ -249,9 +249,9 @@ def main(argv):
         with open(cfg["worker"]) as f:
             print("RESULT " + json.dumps(run_one(json.load(f))), flush=True)
         return
-    if cfg["quick"]:  # the quick settings, except where given on the command line
-        given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
-        cfg.update({k: v for k, v in QUICK.items() if k not in given})
+    if cfg["quick"]:
+        import compare
+        compare.quick_settings(cfg, argv, QUICK)
     if cfg["split"] not in ("test", "val"):
         raise ConfigError(f"--split={cfg['split']}: test or val")
     if cfg["seeds"] < 1 or cfg["jobs"] < 1 or cfg["threads"] < 1:
@@ -271,15 +271,7 @@ def main(argv):
     data, base = task(cfg)
     train_path, test = os.path.join(data, "train.jsonl"), os.path.join(data, f"{cfg['split']}.jsonl")
     results_path = os.path.join(cfg["out_dir"], "results.jsonl")
-    done = {}
-    if os.path.isfile(results_path):
-        with open(results_path) as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                    done[row["key"]] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(f"{results_path}:{n}: not a result line (move the file away to start over)")
+    done = compare.read_results(results_path)
     identity = {"code": code_hash(), "torch": torch.__version__, "base": compare.sha256_tree(base),
                 "data": compare.sha256_tree(train_path), "test": compare.sha256_tree(test)}
     commit, steps = compare.git_commit(), cfg["steps"]

@@ -379,9 +379,9 @@ def main(argv):
         with open(cfg["worker"]) as f:
             print("RESULT " + json.dumps(run_one(json.load(f))), flush=True)
         return
-    if cfg["quick"]:  # the quick settings, except where given on the command line
-        given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
-        cfg.update({k: v for k, v in QUICK.items() if k not in given})
+    if cfg["quick"]:
+        import compare
+        compare.quick_settings(cfg, argv, QUICK)
     for key in ("seeds", "jobs", "threads", "steps", "r", "batch_size", "max_len", "eval_batch_size"):
         if cfg[key] < 1:
             raise ConfigError(f"--{key}={cfg[key]}: must be at least 1")
@@ -403,16 +403,7 @@ def main(argv):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     test = eval_subset(cfg["test"], cfg["eval_per_task"], cfg["out_dir"])
     results_path = os.path.join(cfg["out_dir"], "results.jsonl")
-    done = {}
-    if os.path.isfile(results_path):
-        with open(results_path) as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                    done[row["key"]] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ConfigError(f"{results_path}:{n}: not a result line "
-                                      "(move the file away to start over)") from None
+    done = compare.read_results(results_path)
     identity = {"code": code_hash(), "torch": torch.__version__, "model": compare.sha256_tree(cfg["model"]),
                 "data": compare.sha256_tree(cfg["data"]), "test": compare.sha256_tree(test)}
     runs, copies = plan(cfg, labels, settings, test, identity)
