@@ -30,6 +30,7 @@ version, and a key of everything that made it; a rerun reuses a run only when it
 table.md, summary.json (the numbers of the table), and one folder per run (spec.json, logs,
 adapter, scores.jsonl for bench/figures.py).
 """
+import ast
 import functools
 import hashlib
 import json
@@ -194,14 +195,28 @@ def sha256_tree(path):
     return h.hexdigest()
 
 
-def code_hash():
-    """The code a run executes: every top-level .py file and this one."""
+def code_hash(extra=("bench/compare.py",)):
+    """The code a run executes: every top-level .py file and the `extra` ones (paths from the repo root), as their
+    syntax trees without docstrings, so an edit of a comment or a docstring keeps every recorded run's key."""
     h = hashlib.sha256()
-    for name in sorted(os.listdir(ROOT)) + ["bench/compare.py"]:
-        if name.endswith(".py"):
-            h.update(name.encode())
-            sha256_file(os.path.join(ROOT, name), h)
+    for name in sorted(n for n in os.listdir(ROOT) if n.endswith(".py")) + list(extra):
+        h.update(name.encode())
+        h.update(code_text(os.path.join(ROOT, name)).encode())
     return h.hexdigest()
+
+
+def code_text(path):
+    """A Python file's syntax tree with its docstrings dropped (comments are not in it): what it does, not how it
+    is explained. ast.dump's text can change with Python's version; that only makes a rerun miss, never match."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def git_commit():

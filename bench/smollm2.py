@@ -138,13 +138,9 @@ def check_tools(todo):
 
 
 def code_hash():
-    """The code a run executes: every top-level .py file and the bench scripts it runs."""
+    """The code a run executes: every top-level .py file and the bench scripts it runs (docstrings aside)."""
     import compare
-    h = hashlib.sha256()
-    for name in sorted(n for n in os.listdir(ROOT) if n.endswith(".py")) + CODE:
-        h.update(name.encode())
-        compare.sha256_file(os.path.join(ROOT, name), h)
-    return h.hexdigest()
+    return compare.code_hash(CODE)
 
 
 def versions(names):

@@ -172,6 +172,24 @@ def test_compare_quick_and_figures(demo_run, tmp_path):
         assert pts[0]["loss"] != pts[1]["loss"]
 
 
+def test_code_hash_ignores_docstrings_and_comments_not_code(tmp_path, monkeypatch):
+    """A run's key follows what the code does: a reworded docstring or comment keeps it, a changed line does not."""
+    import compare
+    monkeypatch.setattr(compare, "ROOT", str(tmp_path))
+    src = tmp_path / "m.py"
+
+    def key(text):
+        src.write_text(text)
+        return compare.code_hash(extra=())
+    base = key('"""Module doc."""\nX = 1  # one\n\n\ndef f():\n    """Doc."""\n    return X\n')
+    assert key('"""Reworded."""\nX = 1  # uno\n\n\ndef f():\n    """Other."""\n    return X\n') == base
+    assert key('"""Module doc."""\nX = 2  # one\n\n\ndef f():\n    """Doc."""\n    return X\n') != base
+    assert key('"""Module doc."""\nX = 1  # one\n\n\ndef f():\n    """Doc."""\n    return -X\n') != base
+    assert key('X = 1\n\n\ndef f():\n    return X\n') == base  # no docstrings at all
+    assert (key('X = 1\n\n\ndef f():\n    Y = 0\n    "a string after a statement is code"\n    return X\n')
+            != key('X = 1\n\n\ndef f():\n    Y = 0\n    return X\n'))
+
+
 def test_compare_bad_methods(tmp_path, capsys):
     import compare
     import train

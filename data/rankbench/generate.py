@@ -1,9 +1,10 @@
 """
-Synthetic data for the rank benchmark (bench/rankbench.py): a price list that replaces the one the base learned,
-so a fine-tune has many independent facts to rewrite, each a choice among 900 values, and how many it can
-rewrite grows with the adapter's rank. Deterministic from a seed; no download.
+Synthetic data for the rank benchmark (bench/rankbench.py): a price list the base learns in pretraining, and a
+fine-tune that must learn many independent prices, each a choice among 900 values, so that how many it can learn
+grows with the adapter's rank. Deterministic from a seed; no download.
 
-    python data/rankbench/generate.py                              # -> out/rankbench/data/
+    python data/rankbench/generate.py --unseen=True --n_new=384 --rounds=25   # bench/rankbench.py's task
+    python data/rankbench/generate.py                                         # edits: all 512 prices rewritten
     python data/rankbench/generate.py --n_stalls=256 --rounds=6 --out_dir=/tmp/rb
 
 The task. A table gives each of n_stalls market stalls (numbers drawn from 100..999) a price, drawn uniformly
@@ -19,16 +20,20 @@ price one of 900 value tokens: the fine-tune must move the output at the price's
 the unembedding, per key. A rank-r update adds at most r directions per matrix it adapts, so the number of
 prices it can place grows with r; a price written as digits would be a few 10-way choices that rank 10 covers.
 
-The base learns the old prices; the fine-tune teaches new ones. The pretraining text has the same problems, in
-this same response form, half of them inside the instruction template that train.py and eval.py use, KNOWN of
-them at the table's stalls at their old prices (an independent draw: the same as the new price with chance
-1/900), the rest at any of the 900 stalls (a stall outside the table at a fresh random price each time), and short
-sentences about stalls. So the base copies the stall, routes it to the place where its price is written, copies
-the price to the answer line and answers eval.py's prompt in the response's form; what a fine-tune must do is
-rewrite n_stalls independent key -> value associations: knowledge editing at scale (ROME and MEMIT edit one
-fact with a rank-one change). The base alone scores about 1/900 a problem. (What did not discriminate, and why:
+The base learns the table's prices. Its pretraining text has the problems, in this same response form, half of
+them inside the instruction template that train.py and eval.py use, at the table's stalls at their prices, at any
+of the 900 stalls (a stall outside the table at a fresh random price each time), and short sentences about stalls.
+So the base copies the stall, routes it to the place where its price is written, copies the price to the answer
+line and answers eval.py's prompt in the response's form. What the fine-tune teaches, two ways:
+- new facts (--unseen=True --n_new=N; bench/rankbench.py's default, N = 384): N stalls outside the table, which the
+  base saw only at random prices, each given a price; the base alone scores about 1/900 a problem.
+- edits (--unseen=False, this script's default): n_new of the table's stalls (0: all) get a new price, an
+  independent draw (the same as the old with chance 1/900): knowledge editing at scale (ROME and MEMIT edit one
+  fact with a rank-one change). They learn in a cliff, a plateau then every fact at once, with a wide seed spread.
+Either way the fine-tune writes N independent key -> value associations. (What did not discriminate, and why:
 docs/RANKBENCH.md.)
-Training problems cover the table in `rounds` rounds: each round a shuffle of all its entries, so every entry is
+
+Training problems cover the taught prices in `rounds` rounds: each round a shuffle of all of them, so every one is
 in exactly `rounds` training problems. Validation and test problems are new questions (no question string of
 train, validation or test appears in another, nor in the pretraining text), built from the same entries: every
 price they ask was taught.
