@@ -47,7 +47,9 @@ data_seed = 0  # the table, the problems
 n_stalls = 512  # stalls in the price table: the prices the base learns
 n_new = 384  # how many prices the fine-tune teaches (0: all n_stalls)
 unseen = True  # the taught stalls are outside the base's table (new facts); False: n_new of its own (edits)
-rounds = 25  # every price is in this many training problems
+rounds = 25  # every price is in this many training problems (on average, with spread)
+spread = 0.0  # > 0: a price's training problems from rounds*(1-spread) to rounds*(1+spread): frequent and rare facts
+even_eval = False  # val and test ask every taught price equally often (else at random)
 n_val = 500  # validation problems: settings are chosen on these (--split=val), never on test
 n_test = 1000  # held-out problems
 n_pretrain = 40000  # pieces of pretraining text
@@ -84,7 +86,7 @@ del DEFAULTS["ROOT"]
 QUICK = dict(methods="lora", ranks="2,32", seeds=2, eval_limit=300, contrasts="lora_r32-lora_r2")
 RANK_FREE = ("base", "full")
 MAX_LEN = 96  # tokens per example (a problem with its solution: about 64)
-TASK_KEYS = ("n_stalls", "n_new", "unseen", "rounds", "n_val", "n_test", "n_pretrain")
+TASK_KEYS = ("n_stalls", "n_new", "unseen", "rounds", "spread", "even_eval", "n_val", "n_test", "n_pretrain")
 CODE = ["bench/rankbench.py", "bench/compare.py", "data/rankbench/generate.py", "data/demo/prepare.py"]
 
 

@@ -68,7 +68,7 @@ def test_pretraining_is_the_same_for_every_round_count_and_split(gen, tmp_path):
 
 
 def test_splits_do_not_overlap_and_pretraining_has_no_held_out_question(gen):
-    train, val, test, lines, table = gen.build(cfg(gen))
+    train, val, test, lines, table, _ = gen.build(cfg(gen))
     q = {name: [r["question"] for r in rows] for name, rows in (("train", train), ("val", val), ("test", test))}
     assert len(set(q["val"])) == len(q["val"]) and len(set(q["test"])) == len(q["test"])
     assert not set(q["train"]) & set(q["val"]) and not set(q["train"]) & set(q["test"])
@@ -97,7 +97,7 @@ def test_templated_pieces_are_what_eval_prompts_and_train_trains(gen, tmp_path):
 
 def test_every_price_is_taught_rounds_times_and_asked_ones_are_in_the_table(gen):
     c = cfg(gen)
-    train, val, test, lines, table = gen.build(c)
+    train, val, test, lines, table, _ = gen.build(c)
     assert len(table) == c["n_stalls"] and len(train) == c["rounds"] * len(table)
     assert all(p in gen.STALLS and s in gen.STALLS for s, p in table.items())
     counts = {}
@@ -111,7 +111,7 @@ def test_every_price_is_taught_rounds_times_and_asked_ones_are_in_the_table(gen)
 
 
 def test_solutions_are_right_and_use_the_table(gen):
-    train, val, test, lines, table = gen.build(cfg(gen))
+    train, val, test, lines, table, _ = gen.build(cfg(gen))
     for row in train + val + test:
         stall = int(gen.ASKED.findall(row["question"])[0])
         stated = {int(s): int(p) for s, p in gen.STEP.findall(row["response"])}
@@ -125,7 +125,7 @@ def test_solutions_are_right_and_use_the_table(gen):
 def test_pretraining_has_the_old_prices_not_the_new(gen):
     # the table's stalls always at their old price in pretraining, which agrees with the new one 1 time in 900
     c = cfg(gen, n_stalls=120, n_pretrain=3000)
-    train, val, test, lines, table = gen.build(c)
+    train, val, test, lines, table, _ = gen.build(c)
     old = gen.old_table(c)
     assert list(old) == list(table) and sum(old[s] == table[s] for s in table) <= 2
     stated = [(int(s), int(p)) for line in lines for s, p in gen.STEP.findall(line)]
@@ -143,6 +143,26 @@ def test_n_new_changes_some_prices_on_the_same_base(gen):
     assert len(part[0]) == 3 * 10
     with pytest.raises(gen.ConfigError, match="n_new"):
         gen.build(cfg(gen, n_new=25))
+
+
+def test_spread_and_even_eval(gen):
+    # spread: some prices frequent, some rare, counts evenly from rounds*(1-s) to rounds*(1+s), as table.json says;
+    # even_eval: val and test ask every price equally often; the pretraining (so the base) is the same
+    c = cfg(gen, rounds=10, spread=0.8, even_eval=True, n_val=24, n_test=48)
+    train, val, test, lines, table, counts = gen.build(c)
+    asked = [int(gen.ASKED.findall(r["question"])[0]) for r in train]
+    assert {s: asked.count(s) for s in table} == counts and sum(counts.values()) == len(train)
+    assert min(counts.values()) == 2 and max(counts.values()) == 18 and len(set(counts.values())) > 10
+    assert asked != sorted(asked, key=lambda s: counts[s])  # frequent and rare ones mixed through the epoch
+    for rows, k in ((val, 1), (test, 2)):
+        per = [int(gen.ASKED.findall(r["question"])[0]) for r in rows]
+        assert sorted(per) == sorted(list(table) * k)
+    plain = gen.build(cfg(gen, rounds=10))
+    assert plain[3] == lines and plain[4] == table and set(plain[5].values()) == {10}
+    qs = [r["question"] for r in train]
+    assert not set(qs) & {r["question"] for r in val + test}
+    with pytest.raises(gen.ConfigError, match="spread"):
+        gen.build(cfg(gen, spread=1.0))
 
 
 def test_numbers_are_one_token_each(gen, tmp_path):
@@ -258,3 +278,29 @@ def test_figures_bad_input(tmp_path):
     p = subprocess.run([sys.executable, "bench/rankbench_figures.py", f"--results={tmp_path}/none.jsonl"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and p.stderr.strip().startswith("error: --results=") and "Traceback" not in p.stderr
+
+
+def test_noise_split_into_facts_and_runs(tmp_path):
+    # bench/rankbench_noise.py on made-up scored runs: a method that learns the baseline's facts plus one more per
+    # seed differs by exactly that fact's problems, with full agreement on the others
+    noise = load("bench/rankbench_noise.py", "rankbench_noise")
+    stalls = [101, 102, 103, 104] * 3 + [105]  # 13 problems on 5 facts, asked unequally
+
+    def write(label, seed, learnt):
+        d = tmp_path / f"{label}_s{seed}"
+        (d / "eval").mkdir(parents=True)
+        (d / "spec.json").write_text(json.dumps({"label": label, "r": 8, "seed": seed}))
+        rows = [{"prompt": f"Tom buys rice at stall {s}. How many dollars does he pay?", "correct": s in learnt}
+                for s in stalls]
+        (d / "eval" / "gsm8k_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for seed, extra in ((0, 103), (1, 104), (2, 105)):
+        write("lora", seed, {101, 102} if seed else {101})
+        write("better", seed, ({101, 102} if seed else {101}) | {extra})
+    out = noise.main([f"--runs_dir={tmp_path}", "--methods=better", f"--out={tmp_path / 'n.json'}"])
+    row = out["methods"]["better"]
+    assert out["facts"] == 5 and out["problems"] == 13
+    assert out["effective_facts"] == pytest.approx(169 / 37, abs=0.1)
+    assert row["diff_mean"] == pytest.approx(100 * (3 + 3 + 1) / 3 / 13)
+    assert row["fact_se"] > 0 and row["phi_same_seed"] > row["phi_other_seeds"]
+    with pytest.raises(noise.ConfigError, match="fewer than 2"):
+        noise.main([f"--runs_dir={tmp_path}", "--baseline=nothing"])

@@ -71,7 +71,10 @@ seed = 0  # the table, the problems and their order
 n_stalls = 512  # stalls in the price table (at most 900): the prices the base learns
 n_new = 0  # of them, how many get a new price that the fine-tune teaches (0: all)
 unseen = False  # True: the fine-tune teaches n_new stalls outside the table instead (new facts, not edits)
-rounds = 8  # every table entry is in this many training problems
+rounds = 8  # every table entry is in this many training problems (on average, with spread)
+spread = 0.0  # > 0: a price's training problems run from rounds*(1-spread) to rounds*(1+spread), evenly over the
+    # taught prices (which gets how many: a random draw), so some facts are frequent and some rare; 0: all rounds
+even_eval = False  # val and test ask every taught price in turn (each as often) instead of at random
 n_val = 500  # validation problems (for choosing settings), none a train or test question
 n_test = 1000  # held-out problems, none a train question
 n_pretrain = 40000  # pieces of pretraining text
@@ -146,8 +149,11 @@ def check(cfg):
                           "table")
     if cfg["rounds"] < 1 or cfg["n_val"] < 0 or cfg["n_test"] < 1:
         raise ConfigError("--rounds and --n_test must be >= 1, --n_val >= 0")
+    if not 0 <= cfg["spread"] < 1:
+        raise ConfigError(f"--spread={cfg['spread']}: from 0 (every price in exactly rounds problems) to below 1")
     per_stall = len(NAMES) * len(VERBS) * len(GOODS)
-    if cfg["rounds"] + (cfg["n_val"] + cfg["n_test"]) / (cfg["n_new"] or cfg["n_stalls"]) > per_stall / 2:
+    most = cfg["rounds"] * (1 + cfg["spread"]) + 1
+    if most + (cfg["n_val"] + cfg["n_test"]) / (cfg["n_new"] or cfg["n_stalls"]) + 1 > per_stall / 2:
         raise ConfigError(f"--rounds={cfg['rounds']}, --n_val, --n_test: more questions a stall than half of "
                           f"the {per_stall} there are")
 
@@ -165,8 +171,8 @@ def pretraining(cfg):
 
 
 def build(cfg):
-    """-> (records of train, val, test; pretrain lines; the new prices taught). Pure: the same cfg gives the same
-    lists."""
+    """-> (records of train, val, test; pretrain lines; the new prices taught; {stall: its training problems}).
+    Pure: the same cfg gives the same lists."""
     check(cfg)
     lines, seen = pretraining(cfg)  # no train, val or test question is one of pretraining's
     table = make_table(cfg["seed"], cfg["n_stalls"])
@@ -185,10 +191,23 @@ def build(cfg):
                 seen.add(q)
                 return record(q, steps, r)
 
-    train = [new_question(s) for _ in range(cfg["rounds"]) for s in rng.sample(keys, len(keys))]
-    val = [new_question(rng.choice(keys)) for _ in range(cfg["n_val"])]
-    test = [new_question(rng.choice(keys)) for _ in range(cfg["n_test"])]
-    return train, val, test, lines, table
+    if cfg["spread"]:  # counts evenly from rounds*(1-spread) to rounds*(1+spread), dealt to the prices at random
+        n, lo, hi = len(keys), cfg["rounds"] * (1 - cfg["spread"]), cfg["rounds"] * (1 + cfg["spread"])
+        counts = dict(zip(rng.sample(keys, n), (round(lo + (hi - lo) * i / max(1, n - 1)) for i in range(n))))
+        order = [s for s in keys for _ in range(counts[s])]
+        rng.shuffle(order)
+        train = [new_question(s) for s in order]
+    else:
+        counts = {s: cfg["rounds"] for s in keys}
+        train = [new_question(s) for _ in range(cfg["rounds"]) for s in rng.sample(keys, len(keys))]
+    if cfg["even_eval"]:  # every price asked in turn, each round of them in a fresh order
+        turns = [s for _ in range(-(-(cfg["n_val"] + cfg["n_test"]) // len(keys))) for s in rng.sample(keys, len(keys))]
+        val = [new_question(s) for s in turns[:cfg["n_val"]]]
+        test = [new_question(s) for s in turns[cfg["n_val"]:cfg["n_val"] + cfg["n_test"]]]
+    else:
+        val = [new_question(rng.choice(keys)) for _ in range(cfg["n_val"])]
+        test = [new_question(rng.choice(keys)) for _ in range(cfg["n_test"])]
+    return train, val, test, lines, table, counts
 
 
 def write_tokenizer(path, sentences, vocab_size):
@@ -233,7 +252,7 @@ def prepare(**settings):
     os.makedirs(out, exist_ok=True)
     if os.path.exists(meta_path):
         os.remove(meta_path)  # until the new files are all written, none are trusted
-    train, val, test, lines, table = build(cfg)
+    train, val, test, lines, table, counts = build(cfg)
     for name, rows in (("train.jsonl", train), ("val.jsonl", val), ("test.jsonl", test)):
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -241,7 +260,8 @@ def prepare(**settings):
         f.writelines(line + "\n" for line in lines)
     with open(os.path.join(out, "table.json"), "w") as f:
         old = old_table(cfg)
-        json.dump([{"stall": s, "price": p, "old_price": old.get(s)} for s, p in table.items()], f, indent=0)
+        json.dump([{"stall": s, "price": p, "old_price": old.get(s), "train_problems": counts[s]}
+                   for s, p in table.items()], f, indent=0)
     meta["n_vocab"] = write_tokenizer(os.path.join(out, "tokenizer.model"), lines, cfg["vocab_size"])
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)

@@ -1,0 +1,119 @@
+"""
+Where a rankbench interval's width comes from: the facts a run happens to learn, or the run as a whole.
+
+    python bench/rankbench_noise.py                                   # out/rankbench/test, r = 8, against lora
+    python bench/rankbench_noise.py --runs_dir=out/rb_pilot/val --methods=lrlora,dora
+
+For every method with runs at --rank for the same seeds as --baseline, from the runs' scored problems
+(run_dir/eval/gsm8k_samples.jsonl, one row per held-out problem, in the same order for every run):
+- the paired difference's mean and its sd over seeds (what the table's interval is made of);
+- the fact-level standard error of one seed's difference: the problems grouped by the stall they ask, so the
+  sampling noise of which facts a run learnt, within one run, with nothing of the run as a whole in it;
+- how much two runs agree on which facts they learnt (phi of the per-fact scores), same seed and other seeds.
+If the seeds' sd is about the fact-level error, the width is set by the number of facts and by how
+independently runs pick the ones they learn; a smaller interval needs more facts or facts whose learning the data
+decides (docs/RANKBENCH.md). Numbers to stdout and --out (JSON).
+"""
+import collections
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configurator import ConfigError, cli, parse_args  # noqa: E402
+
+DEFAULTS = dict(
+    runs_dir="out/rankbench/test",  # bench/rankbench.py's run folders of one split
+    rank=8,  # the runs at this rank
+    baseline="lora",  # differences are taken to this method
+    methods="lrlora,dora,relora,milora,beamlora",  # the methods compared to it
+    out="",  # also write the numbers here (JSON)
+)
+ASKED = re.compile(r" at stall (\d+)\. How many")  # data/rankbench/generate.py's question form
+
+
+def runs(runs_dir, label, rank):
+    """{seed: [(stall, correct)] per scored problem} of one method's runs at rank."""
+    out = {}
+    for spec_path in sorted(glob.glob(os.path.join(runs_dir, "*", "spec.json"))):
+        with open(spec_path) as f:
+            spec = json.load(f)
+        samples = os.path.join(os.path.dirname(spec_path), "eval", "gsm8k_samples.jsonl")
+        if spec["label"] != label or spec.get("r") != rank or not os.path.isfile(samples):
+            continue
+        with open(samples) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        out[spec["seed"]] = [(int(ASKED.search(r["prompt"]).group(1)), bool(r["correct"])) for r in rows]
+    return out
+
+
+def per_fact(problems):
+    """{stall: share of its problems right}"""
+    got = collections.defaultdict(list)
+    for stall, ok in problems:
+        got[stall].append(ok)
+    return {s: sum(v) / len(v) for s, v in got.items()}
+
+
+def phi(a, b):
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b)) / n
+    va, vb = sum((x - ma) ** 2 for x in a) / n, sum((y - mb) ** 2 for y in b) / n
+    return cov / (va * vb) ** 0.5 if va and vb else float("nan")
+
+
+def fact_se(base, other):
+    """Points: the standard error of one seed's paired difference over the problems, clustered by fact."""
+    n, sums = len(base), collections.defaultdict(float)
+    count = collections.Counter(s for s, _ in base)
+    for (stall, x), (_, y) in zip(base, other):
+        sums[stall] += y - x
+    mean = sum(sums.values()) / n
+    return 100 * sum((v - mean * count[s]) ** 2 for s, v in sums.items()) ** 0.5 / n
+
+
+def main(argv):
+    cfg = parse_args(argv, DEFAULTS, __file__)
+    base = runs(cfg["runs_dir"], cfg["baseline"], cfg["rank"])
+    if len(base) < 2:
+        raise ConfigError(f"--runs_dir={cfg['runs_dir']}: fewer than 2 scored {cfg['baseline']} runs at r = "
+                          f"{cfg['rank']}")
+    first = next(iter(base.values()))
+    count = collections.Counter(s for s, _ in first)
+    facts = sorted(count)
+    effective = len(first) ** 2 / sum(c * c for c in count.values())
+    out = {"facts": len(facts), "effective_facts": round(effective, 1), "problems": len(first), "methods": {}}
+    print(f"{len(first)} problems on {len(facts)} facts ({effective:.0f} effective: the problems per fact differ)")
+    for m in [m.strip() for m in cfg["methods"].split(",") if m.strip()]:
+        other = runs(cfg["runs_dir"], m, cfg["rank"])
+        seeds = sorted(set(base) & set(other))
+        if len(seeds) < 2:
+            print(f"  {m}: fewer than 2 seeds paired to {cfg['baseline']}; skipped")
+            continue
+        acc = {k: {s: 100 * sum(ok for _, ok in v[s]) / len(v[s]) for s in seeds} for k, v in (("b", base),
+                                                                                                ("m", other))}
+        diffs = [acc["m"][s] - acc["b"][s] for s in seeds]
+        fb = {s: per_fact(base[s]) for s in seeds}
+        fm = {s: per_fact(other[s]) for s in seeds}
+        same = [phi([fb[s][k] for k in facts], [fm[s][k] for k in facts]) for s in seeds]
+        cross = [phi([fb[s][k] for k in facts], [fm[t][k] for k in facts]) for s in seeds for t in seeds if s != t]
+        row = {"seeds": len(seeds), "diff_mean": statistics.mean(diffs), "diff_sd": statistics.stdev(diffs),
+               "fact_se": statistics.mean(fact_se(base[s], other[s]) for s in seeds),
+               "phi_same_seed": statistics.mean(same), "phi_other_seeds": statistics.mean(cross)}
+        out["methods"][m] = row
+        print(f"  {m} - {cfg['baseline']}: {row['diff_mean']:+.1f}, sd over {len(seeds)} seeds {row['diff_sd']:.2f}"
+              f" | fact-level se of one seed {row['fact_se']:.2f} | facts agree: phi {row['phi_same_seed']:.2f} "
+              f"same seed, {row['phi_other_seeds']:.2f} other seeds")
+    if cfg["out"]:
+        with open(cfg["out"], "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    cli(main, errors=(ConfigError, OSError))
