@@ -1,7 +1,8 @@
 """
-A miniature where rank matters: fine-tunes that must rewrite a price list the base learned (knowledge editing
-at scale, data/rankbench/generate.py: every stall and every price one token, 900 values a fact), so that how
-many facts an adapter can take in within the budget, and so its rank, decides the score. The demo's task
+A miniature where rank matters: fine-tunes that must learn 384 new prices, stalls the base has only seen at
+random prices (data/rankbench/generate.py: every stall and every price one token, 900 values a fact; rewriting
+the base's own prices, --unseen=False, is the other option), so that how many facts an adapter can take in
+within the budget, and so its rank, decides the score. The demo's task
 (bench/compare.py) is at its ceiling (LoRA 98.3%) and cannot show a gain; this one can. docs/RANKBENCH.md has
 the design, the runs and what did not discriminate.
 
@@ -76,7 +77,7 @@ eval_batch_size = 100  # problems decoded at once
 max_new_tokens = 40  # a solution is about 20 tokens
 contrasts = "lora_r32-lora_r2,lora_r8-lora_r2,lora_r32-lora_r8,*-lora_r8"  # paired differences (*: every cell)
 threads = 1  # torch threads per run (part of a run's key)
-jobs = 1  # runs at once
+jobs = 2  # runs at once (one thread each: what 2 cores do best)
 quick = False  # lora at r = 2 and 32, 2 seeds, 300 test problems (what is not given on the command line)
 worker = ""  # internal: a run's spec (JSON) for the child process
 DEFAULTS = {k: v for k, v in dict(globals()).items()
