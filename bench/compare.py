@@ -208,8 +208,12 @@ def code_hash(extra=("bench/compare.py",)):
 def code_text(path):
     """A Python file's syntax tree with its docstrings dropped (comments are not in it): what it does, not how it
     is explained. ast.dump's text can change with Python's version; that only makes a rerun miss, never match."""
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), path)
+    with open(path, "rb") as f:
+        source = f.read()
+    try:
+        tree = ast.parse(source, path)
+    except (SyntaxError, ValueError):  # not Python this interpreter parses: its bytes, then
+        return source.hex()
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body

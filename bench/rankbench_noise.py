@@ -45,9 +45,15 @@ def runs(runs_dir, label, rank):
         samples = os.path.join(os.path.dirname(spec_path), "eval", "gsm8k_samples.jsonl")
         if spec["label"] != label or spec.get("r") != rank or not os.path.isfile(samples):
             continue
+        if spec["seed"] in out:
+            raise ConfigError(f"--runs_dir={runs_dir}: two {label} runs at r = {rank}, seed {spec['seed']} (runs of "
+                              "other settings or code): give a folder with one run per seed")
         with open(samples) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        out[spec["seed"]] = [(int(ASKED.search(r["prompt"]).group(1)), bool(r["correct"])) for r in rows]
+        asked = [ASKED.search(r["prompt"]) for r in rows]
+        if not all(asked):
+            raise ConfigError(f"{samples}: a prompt without a rankbench question")
+        out[spec["seed"]] = [(int(a.group(1)), bool(r["correct"])) for a, r in zip(asked, rows)]
     return out
 
 
@@ -92,6 +98,8 @@ def main(argv):
     for m in [m.strip() for m in cfg["methods"].split(",") if m.strip()]:
         other = runs(cfg["runs_dir"], m, cfg["rank"])
         seeds = sorted(set(base) & set(other))
+        if any([st for st, _ in other[s]] != [st for st, _ in base[s]] for s in seeds):
+            raise ConfigError(f"--runs_dir={cfg['runs_dir']}: {m} and {cfg['baseline']} runs scored different problems")
         if len(seeds) < 2:
             print(f"  {m}: fewer than 2 seeds paired to {cfg['baseline']}; skipped")
             continue

@@ -34,9 +34,10 @@ Either way the fine-tune writes N independent key -> value associations. (What d
 docs/RANKBENCH.md.)
 
 Training problems cover the taught prices in `rounds` rounds: each round a shuffle of all of them, so every one is
-in exactly `rounds` training problems. Validation and test problems are new questions (no question string of
-train, validation or test appears in another, nor in the pretraining text), built from the same entries: every
-price they ask was taught.
+in exactly `rounds` training problems; with --spread, from rounds*(1-spread) to rounds*(1+spread) of them instead,
+all in one shuffle. Validation and test problems are new questions (no question string of train, validation or
+test appears in another, nor in the pretraining text), built from the same entries: every price they ask was
+taught; at random, or with --even_eval every price in turn (its count in a split within one of any other's).
 
 Writes to out_dir: pretrain.txt, train.jsonl, val.jsonl, test.jsonl (GSM8K's question/answer "... #### N"
 and MetaMathQA's query/response), table.json (the new and old prices), tokenizer.model and meta.json (the
@@ -152,8 +153,12 @@ def check(cfg):
     if not 0 <= cfg["spread"] < 1:
         raise ConfigError(f"--spread={cfg['spread']}: from 0 (every price in exactly rounds problems) to below 1")
     per_stall = len(NAMES) * len(VERBS) * len(GOODS)
-    most = cfg["rounds"] * (1 + cfg["spread"]) + 1
-    if most + (cfg["n_val"] + cfg["n_test"]) / (cfg["n_new"] or cfg["n_stalls"]) + 1 > per_stall / 2:
+    if cfg["spread"] and cfg["rounds"] * (1 - cfg["spread"]) < 1:
+        raise ConfigError(f"--spread={cfg['spread']} with --rounds={cfg['rounds']}: the rarest price would get no "
+                          "training problem (rounds * (1 - spread) must be >= 1)")
+    most = cfg["rounds"] * (1 + cfg["spread"]) + (1 if cfg["spread"] else 0)  # rounding up
+    most += 2 if cfg["even_eval"] else 0  # val and test each round up
+    if most + (cfg["n_val"] + cfg["n_test"]) / (cfg["n_new"] or cfg["n_stalls"]) > per_stall / 2:
         raise ConfigError(f"--rounds={cfg['rounds']}, --n_val, --n_test: more questions a stall than half of "
                           f"the {per_stall} there are")
 
@@ -200,10 +205,11 @@ def build(cfg):
     else:
         counts = {s: cfg["rounds"] for s in keys}
         train = [new_question(s) for _ in range(cfg["rounds"]) for s in rng.sample(keys, len(keys))]
-    if cfg["even_eval"]:  # every price asked in turn, each round of them in a fresh order
-        turns = [s for _ in range(-(-(cfg["n_val"] + cfg["n_test"]) // len(keys))) for s in rng.sample(keys, len(keys))]
-        val = [new_question(s) for s in turns[:cfg["n_val"]]]
-        test = [new_question(s) for s in turns[cfg["n_val"]:cfg["n_val"] + cfg["n_test"]]]
+    if cfg["even_eval"]:  # every price asked in turn (rounds of a fresh order): at most one apart in a split
+        def turns(k):
+            return [s for _ in range(-(-k // len(keys))) for s in rng.sample(keys, len(keys))][:k]
+        val = [new_question(s) for s in turns(cfg["n_val"])]
+        test = [new_question(s) for s in turns(cfg["n_test"])]
     else:
         val = [new_question(rng.choice(keys)) for _ in range(cfg["n_val"])]
         test = [new_question(rng.choice(keys)) for _ in range(cfg["n_test"])]
