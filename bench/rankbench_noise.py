@@ -18,12 +18,12 @@ import collections
 import glob
 import json
 import os
-import re
 import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 from configurator import ConfigError, cli, parse_args  # noqa: E402
 
 DEFAULTS = dict(
@@ -33,10 +33,15 @@ DEFAULTS = dict(
     methods="lrlora,dora,relora,milora,beamlora",  # the methods compared to it
     out="",  # also write the numbers here (JSON)
 )
-ASKED = re.compile(r" at stall (\d+)\. How many")  # data/rankbench/generate.py's question form
 
 
-def runs(runs_dir, label, rank):
+def asked_pattern():
+    """The generator's own pattern for the stall a question asks (data/rankbench/generate.py's ASKED)."""
+    import rankbench
+    return rankbench.generator().ASKED
+
+
+def runs(runs_dir, label, rank, asked_re):
     """{seed: [(stall, correct)] per scored problem} of one method's runs at rank."""
     out = {}
     for spec_path in sorted(glob.glob(os.path.join(runs_dir, "*", "spec.json"))):
@@ -50,7 +55,7 @@ def runs(runs_dir, label, rank):
                               "other settings or code): give a folder with one run per seed")
         with open(samples) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        asked = [ASKED.search(r["prompt"]) for r in rows]
+        asked = [asked_re.search(r["prompt"]) for r in rows]
         if not all(asked):
             raise ConfigError(f"{samples}: a prompt without a rankbench question")
         out[spec["seed"]] = [(int(a.group(1)), bool(r["correct"])) for a, r in zip(asked, rows)]
@@ -85,7 +90,8 @@ def fact_se(base, other):
 
 def main(argv):
     cfg = parse_args(argv, DEFAULTS, __file__)
-    base = runs(cfg["runs_dir"], cfg["baseline"], cfg["rank"])
+    asked_re = asked_pattern()
+    base = runs(cfg["runs_dir"], cfg["baseline"], cfg["rank"], asked_re)
     if len(base) < 2:
         raise ConfigError(f"--runs_dir={cfg['runs_dir']}: fewer than 2 scored {cfg['baseline']} runs at r = "
                           f"{cfg['rank']}")
@@ -96,7 +102,7 @@ def main(argv):
     out = {"facts": len(facts), "effective_facts": round(effective, 1), "problems": len(first), "methods": {}}
     print(f"{len(first)} problems on {len(facts)} facts ({effective:.0f} effective: the problems per fact differ)")
     for m in [m.strip() for m in cfg["methods"].split(",") if m.strip()]:
-        other = runs(cfg["runs_dir"], m, cfg["rank"])
+        other = runs(cfg["runs_dir"], m, cfg["rank"], asked_re)
         seeds = sorted(set(base) & set(other))
         if any([st for st, _ in other[s]] != [st for st, _ in base[s]] for s in seeds):
             raise ConfigError(f"--runs_dir={cfg['runs_dir']}: {m} and {cfg['baseline']} runs scored different problems")
