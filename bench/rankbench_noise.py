@@ -10,13 +10,18 @@ For every method with runs at --rank for the same seeds as --baseline, from the 
 - the fact-level standard error of one seed's difference: the problems grouped by the stall they ask, so the
   sampling noise of which facts a run learnt, within one run, with nothing of the run as a whole in it;
 - how much two runs agree on which facts they learnt (phi of the per-fact scores), same seed and other seeds.
+- what that target half-width would take: the run part of the sd (what is left of it after the fact-level error,
+  which more facts or problems cannot remove), the seeds it needs at today's sd, and the effective facts it needs at
+  --table_seeds (none if the run part alone is too wide).
 If the seeds' sd is about the fact-level error, the width is set by the number of facts and by how
 independently runs pick the ones they learn; a smaller interval needs more facts or facts whose learning the data
 decides (docs/RANKBENCH.md). Numbers to stdout and --out (JSON).
 """
 import collections
 import glob
+import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -24,6 +29,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import compare  # noqa: E402
 from configurator import ConfigError, cli, parse_args  # noqa: E402
 
 DEFAULTS = dict(
@@ -32,6 +38,8 @@ DEFAULTS = dict(
     baseline="lora",  # differences are taken to this method
     methods="lrlora,dora,relora,milora,beamlora",  # the methods compared to it
     out="",  # also write the numbers here (JSON)
+    target=1.5,  # points: the half-width of the 95% interval wanted (issue 27: 1.5)
+    table_seeds=5,  # seeds of the table that target is for
 )
 
 
@@ -88,10 +96,22 @@ def fact_se(base, other):
     return 100 * sum((v - mean * count[s]) ** 2 for s, v in sums.items()) ** 0.5 / n
 
 
+def needs(sd, fact_sd, facts, target, table_seeds):
+    """-> (run part of the sd, seeds for a half-width of target at sd, effective facts for it at table_seeds seeds,
+    None if no number of facts can: the run part alone is wider). The fact-level variance falls as 1/facts."""
+    run = max(0.0, sd * sd - fact_sd * fact_sd) ** 0.5
+    seeds = next(n for n in itertools.count(2) if compare.t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= target)
+    allowed = target * math.sqrt(table_seeds) / compare.t_quantile(0.975, table_seeds - 1)  # the sd it can have
+    more = None if run >= allowed else facts * fact_sd ** 2 / (allowed ** 2 - run ** 2)
+    return run, seeds, more
+
+
 def main(argv):
     cfg = parse_args(argv, DEFAULTS, __file__)
     asked_re = asked_pattern()
     base = runs(cfg["runs_dir"], cfg["baseline"], cfg["rank"], asked_re)
+    if cfg["target"] <= 0 or cfg["table_seeds"] < 2:
+        raise ConfigError("--target must be > 0 and --table_seeds >= 2")
     if len(base) < 2:
         raise ConfigError(f"--runs_dir={cfg['runs_dir']}: fewer than 2 scored {cfg['baseline']} runs at r = "
                           f"{cfg['rank']}")
@@ -119,10 +139,15 @@ def main(argv):
         row = {"seeds": len(seeds), "diff_mean": statistics.mean(diffs), "diff_sd": statistics.stdev(diffs),
                "fact_se": statistics.mean(fact_se(base[s], other[s]) for s in seeds),
                "phi_same_seed": statistics.mean(same), "phi_other_seeds": statistics.mean(cross)}
+        row["run_sd"], row["seeds_needed"], row["facts_needed"] = needs(
+            row["diff_sd"], row["fact_se"], effective, cfg["target"], cfg["table_seeds"])
         out["methods"][m] = row
         print(f"  {m} - {cfg['baseline']}: {row['diff_mean']:+.1f}, sd over {len(seeds)} seeds {row['diff_sd']:.2f}"
               f" | fact-level se of one seed {row['fact_se']:.2f} | facts agree: phi {row['phi_same_seed']:.2f} "
               f"same seed, {row['phi_other_seeds']:.2f} other seeds")
+        more = "no number of facts" if row["facts_needed"] is None else f"{row['facts_needed']:.0f} effective facts"
+        print(f"    run part {row['run_sd']:.2f}; a half-width of {cfg['target']}: {row['seeds_needed']} seeds at this "
+              f"sd, or at {cfg['table_seeds']} seeds {more}")
     if cfg["out"]:
         with open(cfg["out"], "w") as f:
             json.dump(out, f, indent=1)

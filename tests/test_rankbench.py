@@ -311,3 +311,15 @@ def test_noise_split_into_facts_and_runs(tmp_path):
     assert row["phi_same_seed"] > row["phi_other_seeds"]
     with pytest.raises(noise.ConfigError, match="fewer than 2"):
         noise.main([f"--runs_dir={tmp_path}", "--baseline=nothing"])
+
+
+def test_noise_what_a_target_needs():
+    # what bench/rankbench_noise.py says a 1.5-point half-width would take, against Student's t by hand
+    noise = load("bench/rankbench_noise.py", "rankbench_noise")
+    # sd 1: 4 seeds give 3.182 / 2 = 1.59 > 1.5, 5 give 2.776 / sqrt(5) = 1.24; all of it fact-level, so at 5 seeds
+    # the sd may be 1.5 sqrt(5) / 2.776 = 1.208: 100 effective facts of sd 1 become 100 / 1.208^2 = 68.5
+    run, seeds, facts = noise.needs(1.0, 1.0, 100, 1.5, 5)
+    assert run == 0 and seeds == 5 and facts == pytest.approx(100 / (1.5 * 5 ** 0.5 / 2.7764) ** 2, rel=1e-3)
+    run, seeds, facts = noise.needs(5.0, 3.0, 100, 1.5, 5)  # a run part of 4 is wider than 1.208 on its own
+    assert run == pytest.approx(4.0) and facts is None
+    assert seeds == 46  # t(45) 2.0141 * 5 / sqrt(46) = 1.485; t(44) 2.0154 * 5 / sqrt(45) = 1.502
