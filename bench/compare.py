@@ -365,7 +365,7 @@ def main(argv):
         raise ConfigError(f"--answer_form={cfg['answer_form']}: a share, 0 to 1")
     settings = {m: method_settings(m, train.DEFAULTS) for m in labels}
     for m in labels:  # bad names and options fail here, before any base is built or run started
-        check_method(train, m, settings[m])
+        check_method(train, m, settings[m], ranks)
     base, data, test = cfg["base"], cfg["data"], cfg["test"]
     if not base:
         base, demo_data, demo_test = demo_task(cfg)
@@ -450,11 +450,14 @@ def main(argv):
     return summary
 
 
-def check_method(train, label, settings):
-    try:  # train.py's own checks, on a stand-in for the paths
-        train.check_config(dict(train.DEFAULTS, **settings, init_from="-", data=os.path.abspath(__file__)))
-    except ConfigError as e:
-        raise ConfigError(f"--methods: {label}: {e}") from None
+def check_method(train, label, settings, ranks=()):
+    """train.py's own checks of a method's settings, at each rank it will run at (a variant's option may depend on
+    r: adalora:init_r=8 is fine at r = 8, not at train.py's default 64)."""
+    for r in ranks or [train.DEFAULTS["r"]]:
+        try:  # on a stand-in for the paths
+            train.check_config(dict(train.DEFAULTS, r=r, **settings, init_from="-", data=os.path.abspath(__file__)))
+        except ConfigError as e:
+            raise ConfigError(f"--methods: {label}: {e}") from None
 
 
 def knows(train, label):

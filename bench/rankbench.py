@@ -266,7 +266,7 @@ def main(argv):
     ranks = [int(r) for r in str(cfg["ranks"]).split(",")]
     settings = {m: compare.method_settings(m, train.DEFAULTS) for m in labels if m != "base"}
     for m in settings:
-        compare.check_method(train, m, settings[m])
+        compare.check_method(train, m, settings[m], ranks)
     contrasts = [c.strip() for c in cfg["contrasts"].split(",") if c.strip()]
     data, base = task(cfg)
     train_path, test = os.path.join(data, "train.jsonl"), os.path.join(data, f"{cfg['split']}.jsonl")

@@ -395,7 +395,7 @@ def main(argv):
     for m in labels:
         if m not in ("base", "peft"):
             settings[m] = compare.method_settings(m, train.DEFAULTS)
-            compare.check_method(train, m, settings[m])
+            compare.check_method(train, m, settings[m], [cfg["r"]])
     os.makedirs(cfg["out_dir"], exist_ok=True)
     test = eval_subset(cfg["test"], cfg["eval_per_task"], cfg["out_dir"])
     results_path = os.path.join(cfg["out_dir"], "results.jsonl")

@@ -199,6 +199,11 @@ def test_compare_bad_methods(tmp_path, capsys):
     assert not os.listdir(tmp_path)  # failed before anything was built or run
     missing = [m for m in compare.TABLE.split(",") if not compare.knows(train, m)]
     assert "lora" not in missing and "beamlora_no_expand" not in missing
+    # an option that depends on the rank is checked at the ranks the runs use, not at train.py's default r = 64
+    settings = compare.method_settings("adalora:init_r=8", train.DEFAULTS)
+    compare.check_method(train, "adalora:init_r=8", settings, [4, 8])
+    with pytest.raises(ValueError, match="init_r=8: must be at least --r=16"):
+        compare.check_method(train, "adalora:init_r=8", settings, [8, 16])
 
 
 def test_demo_seeds_table(tmp_path):
