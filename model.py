@@ -45,7 +45,7 @@ class ModelArgs:
     num_attention_heads: int = 32
     num_key_value_heads: int = 32
     head_dim: int = 128
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-6  # what transformers reads for llama and mistral when config.json omits it
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False

@@ -54,6 +54,31 @@ def test_logits_match_transformers(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "mistral_window"])
+def test_config_without_rms_norm_eps_means_what_transformers_reads(tmp_path, name):
+    # a config.json that omits rms_norm_eps: transformers takes its default (1e-6 for llama and mistral), and so
+    # must we; small embeddings make the eps matter, so a different default fails the test
+    cfg_cls, model_cls, extra = CONFIGS[name]
+    torch.manual_seed(0)
+    hf = model_cls(cfg_cls(**TINY, **extra))
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.mul_(0.05)  # rms of the input to the first norm about 1e-3
+    path = str(tmp_path / name)
+    hf.save_pretrained(path)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    del cfg["rms_norm_eps"]
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    hf = model_cls.from_pretrained(path).eval()
+    ours = Transformer.from_pretrained(path)
+    x = torch.randint(0, TINY["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert (ours(x) - ref).abs().max() <= 1e-4
+        other = Transformer.from_config({**cfg, "rms_norm_eps": 1e-5})
+        other.load_state_dict(ours.state_dict())
+        assert (other(x) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_window"])
 def test_padding_mask_matches_transformers(tmp_path, name):
     hf, path = write_hf(tmp_path, name)
     ours = Transformer.from_pretrained(path)
