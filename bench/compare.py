@@ -455,7 +455,8 @@ def check_method(train, label, settings, ranks=()):
     r: adalora:init_r=8 is fine at r = 8, not at train.py's default 64)."""
     for r in ranks or [train.DEFAULTS["r"]]:
         try:  # on a stand-in for the paths
-            train.check_config(dict(train.DEFAULTS, r=r, **settings, init_from="-", data=os.path.abspath(__file__)))
+            train.check_config(dict(train.DEFAULTS, **{"r": r, **settings}, init_from="-",
+                                    data=os.path.abspath(__file__)))
         except ConfigError as e:
             raise ConfigError(f"--methods: {label}: {e}") from None
 

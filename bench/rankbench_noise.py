@@ -108,10 +108,10 @@ def needs(sd, fact_sd, facts, target, table_seeds):
 
 def main(argv):
     cfg = parse_args(argv, DEFAULTS, __file__)
-    asked_re = asked_pattern()
-    base = runs(cfg["runs_dir"], cfg["baseline"], cfg["rank"], asked_re)
     if cfg["target"] <= 0 or cfg["table_seeds"] < 2:
         raise ConfigError("--target must be > 0 and --table_seeds >= 2")
+    asked_re = asked_pattern()
+    base = runs(cfg["runs_dir"], cfg["baseline"], cfg["rank"], asked_re)
     if len(base) < 2:
         raise ConfigError(f"--runs_dir={cfg['runs_dir']}: fewer than 2 scored {cfg['baseline']} runs at r = "
                           f"{cfg['rank']}")

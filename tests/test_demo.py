@@ -204,6 +204,7 @@ def test_compare_bad_methods(tmp_path, capsys):
     compare.check_method(train, "adalora:init_r=8", settings, [4, 8])
     with pytest.raises(ValueError, match="init_r=8: must be at least --r=16"):
         compare.check_method(train, "adalora:init_r=8", settings, [8, 16])
+    compare.check_method(train, "lora:r=16", compare.method_settings("lora:r=16", train.DEFAULTS), [8])  # its own r
 
 
 def test_demo_seeds_table(tmp_path):

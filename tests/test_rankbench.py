@@ -309,6 +309,8 @@ def test_noise_split_into_facts_and_runs(tmp_path):
     # clustered by fact: seed 0 differs on fact 103's three problems (3 of 13), seeds 1 and 2 on 104's / 105's
     assert row["fact_se"] == pytest.approx(100 * (2 * 1152 ** 0.5 + 180 ** 0.5) / (3 * 169))
     assert row["phi_same_seed"] > row["phi_other_seeds"]
+    assert row["run_sd"] == pytest.approx(max(0.0, row["diff_sd"] ** 2 - row["fact_se"] ** 2) ** 0.5)
+    assert row["seeds_needed"] == noise.needs(row["diff_sd"], row["fact_se"], 1, 1.5, 5)[1]
     with pytest.raises(noise.ConfigError, match="fewer than 2"):
         noise.main([f"--runs_dir={tmp_path}", "--baseline=nothing"])
 
@@ -323,3 +325,7 @@ def test_noise_what_a_target_needs():
     run, seeds, facts = noise.needs(5.0, 3.0, 100, 1.5, 5)  # a run part of 4 is wider than 1.208 on its own
     assert run == pytest.approx(4.0) and facts is None
     assert seeds == 46  # t(45) 2.0141 * 5 / sqrt(46) = 1.485; t(44) 2.0154 * 5 / sqrt(45) = 1.502
+    # both parts: run part sqrt(1.21 - 0.64) = 0.755, leaving 1.208^2 - 0.57 = 0.889 for facts of sd 0.8 at 100
+    run, seeds, facts = noise.needs(1.1, 0.8, 100, 1.5, 5)
+    assert run == pytest.approx(0.57 ** 0.5) and facts == pytest.approx(64 / ((1.5 * 5 ** 0.5 / 2.7764) ** 2 - 0.57),
+                                                                           rel=1e-3)
