@@ -100,7 +100,8 @@ def needs(sd, fact_sd, facts, target, table_seeds):
     """-> (run part of the sd, seeds for a half-width of target at sd, effective facts for it at table_seeds seeds,
     None if no number of facts can: the run part alone is wider). The fact-level variance falls as 1/facts."""
     run = max(0.0, sd * sd - fact_sd * fact_sd) ** 0.5
-    seeds = next(n for n in itertools.count(2) if compare.t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= target)
+    start = max(2, math.ceil((1.959963 * sd / target) ** 2))  # t > z = 1.95996...: no fewer seeds can do
+    seeds = next(n for n in itertools.count(start) if compare.t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= target)
     allowed = target * math.sqrt(table_seeds) / compare.t_quantile(0.975, table_seeds - 1)  # the sd it can have
     more = None if run >= allowed else facts * fact_sd ** 2 / (allowed ** 2 - run ** 2)
     return run, seeds, more
